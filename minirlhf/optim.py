@@ -1,0 +1,139 @@
+"""Hand-written AdamW, weight-decay grouping and LR schedules: what transformers.Trainer 5.23 sets up for TRL.
+
+- `param_groups`: the decay / no-decay split of `Trainer.create_optimizer` (transformers trainer.py).
+- `AdamW`: Adam (Kingma & Ba 2015, Alg. 1) with decoupled weight decay (Loshchilov & Hutter 2019, Alg. 2),
+  numerically the update of `torch.optim.AdamW`, which Trainer builds with `fused=True` (`optim="adamw_torch_fused"`).
+- `lr_multiplier`: the LambdaLR multipliers of transformers optimization.py ("linear", "cosine", "constant",
+  "constant_with_warmup"); `warmup_steps_from` is `TrainingArguments.get_warmup_steps`.
+
+Left out: amsgrad, maximize, closures, foreach/fused kernels (on CPU a per-parameter loop is as fast as foreach),
+and the other transformers schedules.
+
+Usage (`step` = number of optimizer steps already taken; the LR logged is the one this step uses, as in 5.23):
+
+    optimizer = AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=(beta1, beta2), eps=eps)
+    warmup = warmup_steps_from(warmup_steps, total_steps)
+    kwargs = schedule_kwargs(lr_scheduler_type, lr_scheduler_kwargs)
+    lr = learning_rate * lr_multiplier(step, total_steps, warmup, lr_scheduler_type, **kwargs)
+    set_lr(optimizer, lr)
+    optimizer.step()
+"""
+
+import math
+
+import torch
+from torch import nn
+
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups, decay then no-decay, of the trainable parameters in `named_parameters` order.
+
+    transformers exempts biases and normalisation weights by module type and name (`get_decay_parameter_names`);
+    for GPT-2, NeoX, Llama, Qwen2/3 and Mistral those are exactly the 1-D tensors (nanoGPT's `dim >= 2` rule).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with torch's conventions; state per parameter: `step` (int), `exp_avg`, `exp_avg_sq`.
+
+    One step, for a parameter p with gradient g (parameters without a gradient are skipped):
+      1. decoupled weight decay: p *= 1 - lr * weight_decay  (torch scales the decay by lr; the paper by the schedule)
+      2. moments: m = beta1 * m + (1 - beta1) * g;  v = beta2 * v + (1 - beta2) * g^2
+      3. bias corrections: bc1 = 1 - beta1^t, bc2 = 1 - beta2^t
+      4. p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+    eps is added after the bias correction (Kingma & Ba Alg. 1, torch), not to the raw sqrt(v) as in the paper's
+    "more efficient" form (TensorFlow's epsilon-hat); the two differ early in training.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        if lr < 0.0 or eps < 0.0 or weight_decay < 0.0:
+            raise ValueError(f"AdamW: lr={lr}, eps={eps}, weight_decay={weight_decay} must all be >= 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"AdamW: betas={betas} must each be in [0, 1)")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+
+                if weight_decay != 0.0:
+                    p.mul_(1.0 - lr * weight_decay)  # 1.
+                exp_avg.lerp_(grad, 1.0 - beta1)  # 2.
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                bias_correction1 = 1.0 - beta1 ** state["step"]  # 3.
+                bias_correction2 = 1.0 - beta2 ** state["step"]
+                denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)  # 4.
+                p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Write `lr` into every parameter group (the schedule is applied by the loop, not by a scheduler object)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def warmup_steps_from(warmup: float, total_steps: int) -> int:
+    """TrainingArguments.warmup_steps semantics: >= 1 is a step count, a value in [0, 1) a fraction of the run."""
+    if warmup < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup}")
+    return int(warmup) if warmup >= 1 else math.ceil(total_steps * warmup)
+
+
+def schedule_kwargs(schedule: str, lr_scheduler_kwargs: dict | None) -> dict:
+    """Check `lr_scheduler_kwargs` and return the keyword arguments for `lr_multiplier`.
+
+    Only cosine's `num_cycles` shapes these four schedules. transformers drops extra keys for the constant ones and
+    raises TypeError for the others; `last_epoch` (scheduler-object resume) has no meaning here. We refuse them all.
+    """
+    kwargs = dict(lr_scheduler_kwargs or {})
+    unsupported = sorted(set(kwargs) - ({"num_cycles"} if schedule == "cosine" else set()))
+    if unsupported:
+        raise ValueError(
+            f"lr_scheduler_kwargs: {unsupported} not supported for lr_scheduler_type={schedule!r} "
+            "(only 'num_cycles', for 'cosine')"
+        )
+    return kwargs
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str, num_cycles: float = 0.5) -> float:
+    """Factor on the peak LR after `step` completed optimizer steps (transformers optimization.py lambdas)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr_scheduler_type={schedule!r} is not supported; choose one of {SCHEDULES}")
+    if schedule == "constant":
+        return 1.0
+    if step < warmup_steps:  # linear warmup from 0
+        return step / max(1, warmup_steps)
+    if schedule == "constant_with_warmup":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, (total_steps - step) / decay_steps)
+    progress = (step - warmup_steps) / decay_steps  # cosine: num_cycles=0.5 is a half wave from 1 down to 0
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2.0 * num_cycles * progress)))

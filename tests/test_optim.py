@@ -1,0 +1,173 @@
+"""minirlhf.optim against torch.optim.AdamW and transformers' Trainer grouping, warmup and LR schedules."""
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from transformers import Trainer, TrainingArguments, get_scheduler
+
+from minirlhf.optim import (
+    AdamW,
+    lr_multiplier,
+    param_groups,
+    schedule_kwargs,
+    set_lr,
+    warmup_steps_from,
+)
+
+
+def _toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    # embedding + linears with biases + a LayerNorm: both groups are non-empty
+    return nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 64), nn.LayerNorm(64), nn.Linear(64, 50))
+
+
+def _run(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
+    """Feed the same random gradients and LRs for the given step numbers, whichever optimizer is used."""
+    params = list(model.parameters())
+    for step in steps:
+        g = torch.Generator().manual_seed(1000 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        params[0].grad *= 1e-8  # gradients of eps's size: where eps is added matters
+        if step % 2 == 1:
+            params[-1].grad = None  # no gradient on odd steps: both sides skip it, its state included
+        set_lr(optimizer, 1e-2 * (0.1 + torch.rand((), generator=g).item()))  # a different LR each step
+        optimizer.step()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_matches_torch(fused: bool):
+    # measured on torch 2.13 CPU over the 50 steps: foreach=False is bitwise equal; fused=True differs by <= 1.2e-7
+    ours_model, theirs_model = _toy_model(), _toy_model()
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    ours_opt = AdamW(param_groups(ours_model, weight_decay=0.1), **kwargs)
+    theirs_opt = torch.optim.AdamW(param_groups(theirs_model, weight_decay=0.1), foreach=False, fused=fused, **kwargs)
+    _run(ours_model, ours_opt, range(50))
+    _run(theirs_model, theirs_opt, range(50))
+    for ours_p, theirs_p in zip(ours_model.parameters(), theirs_model.parameters(), strict=True):
+        torch.testing.assert_close(ours_p, theirs_p, rtol=0, atol=1e-6)
+    for ours_p, theirs_p in zip(ours_model.parameters(), theirs_model.parameters(), strict=True):
+        ours_state, theirs_state = ours_opt.state[ours_p], theirs_opt.state[theirs_p]
+        assert ours_state["step"] == int(theirs_state["step"])
+        # relative: the moments of the eps-sized gradients are ~1e-8 and ~1e-16
+        torch.testing.assert_close(ours_state["exp_avg"], theirs_state["exp_avg"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(ours_state["exp_avg_sq"], theirs_state["exp_avg_sq"], rtol=1e-5, atol=0)
+
+
+def test_adamw_state_dict_resume_is_exact(tmp_path):
+    ours_model = _toy_model()
+    ours_opt = AdamW(param_groups(ours_model, weight_decay=0.1), lr=1e-2)
+    _run(ours_model, ours_opt, range(50))
+
+    half_model = _toy_model()
+    half_opt = AdamW(param_groups(half_model, weight_decay=0.1), lr=1e-2)
+    _run(half_model, half_opt, range(20))
+    torch.save({"model": half_model.state_dict(), "optimizer": half_opt.state_dict()}, tmp_path / "ckpt.pt")
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed_model = _toy_model()
+    resumed_model.load_state_dict(ckpt["model"])
+    resumed_opt = AdamW(param_groups(resumed_model, weight_decay=0.1), lr=1.0)  # lr/betas come from the checkpoint
+    resumed_opt.load_state_dict(ckpt["optimizer"])
+    _run(resumed_model, resumed_opt, range(20, 50))
+    for ours_p, resumed_p in zip(ours_model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(ours_p, resumed_p)
+
+
+# ----------------------------------------------------------------------------- weight-decay groups
+
+_TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4)
+_FAMILIES = {
+    "gpt2": transformers.GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
+    ),
+    "gpt_neox": transformers.GPTNeoXConfig(**_TINY),
+    "llama": transformers.LlamaConfig(**_TINY, num_key_value_heads=2, attention_bias=True),
+    "qwen2": transformers.Qwen2Config(**_TINY, num_key_value_heads=2),
+    "qwen3": transformers.Qwen3Config(**_TINY, num_key_value_heads=2, head_dim=8),  # has q_norm / k_norm
+    "mistral": transformers.MistralConfig(**_TINY, num_key_value_heads=2),
+}
+
+
+@pytest.mark.parametrize("head", ["causal_lm", "seq_cls"])
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_param_groups_match_trainer(family: str, head: str):
+    config = _FAMILIES[family]
+    config.pad_token_id = 0
+    auto = transformers.AutoModelForCausalLM if head == "causal_lm" else transformers.AutoModelForSequenceClassification
+    model = auto.from_config(config)
+    model.get_input_embeddings().weight.requires_grad_(False)  # frozen parameters belong to neither group
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    ours_groups = param_groups(model, weight_decay=0.1)
+    ours_decay = [names[id(p)] for p in ours_groups[0]["params"]]
+    ours_no_decay = [names[id(p)] for p in ours_groups[1]["params"]]
+
+    # Trainer.create_optimizer: decay iff the name is in get_decay_parameter_names (which does not read `self`)
+    decay_names = set(Trainer.get_decay_parameter_names(None, model))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    theirs_decay = [n for n, _ in trainable if n in decay_names]
+    theirs_no_decay = [n for n, _ in trainable if n not in decay_names]
+
+    assert ours_decay == theirs_decay
+    assert ours_no_decay == theirs_no_decay
+    assert ours_groups[0]["weight_decay"] == 0.1 and ours_groups[1]["weight_decay"] == 0.0
+    if family == "llama":  # the name rules were exercised, not just the LayerNorm type rule
+        assert any(n.endswith("q_proj.bias") for n in ours_no_decay)
+    if family == "qwen3":
+        assert any(n.endswith("q_norm.weight") for n in ours_no_decay)
+
+
+# ----------------------------------------------------------------------------- LR schedules
+
+
+@pytest.fixture(scope="module")
+def training_args(tmp_path_factory) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path_factory.mktemp("out")), use_cpu=True, report_to="none")
+
+
+@pytest.mark.parametrize(
+    "total_steps, warmup",
+    [(10, 0), (10, 3), (10, 3.0), (7, 0.1), (20, 0.25), (10, 12), (1, 0), (1, 0.5)],
+)
+@pytest.mark.parametrize(
+    "schedule, lr_scheduler_kwargs",
+    [
+        ("linear", None),
+        ("cosine", None),
+        ("cosine", {"num_cycles": 1.0}),
+        ("cosine", {"num_cycles": 2.5}),
+        ("constant", None),
+        ("constant_with_warmup", None),
+    ],
+)
+def test_lr_multiplier_matches_transformers(training_args, total_steps, warmup, schedule, lr_scheduler_kwargs):
+    training_args.warmup_steps = warmup
+    theirs_warmup = training_args.get_warmup_steps(total_steps)
+    ours_warmup = warmup_steps_from(warmup, total_steps)
+    assert ours_warmup == theirs_warmup
+
+    # peak LR 1.0, so the scheduler's LR is its multiplier; read before scheduler.step(), as Trainer 5.23 logs it
+    param = nn.Parameter(torch.zeros(1))
+    theirs_opt = torch.optim.SGD([param], lr=1.0)
+    scheduler = get_scheduler(schedule, theirs_opt, theirs_warmup, total_steps, lr_scheduler_kwargs)
+    kwargs = schedule_kwargs(schedule, lr_scheduler_kwargs)
+    for step in range(total_steps + 3):  # a few steps past the end too
+        theirs = theirs_opt.param_groups[0]["lr"]
+        ours = lr_multiplier(step, total_steps, ours_warmup, schedule, **kwargs)
+        assert ours == pytest.approx(theirs, rel=0, abs=1e-12), f"step {step}"
+        theirs_opt.step()
+        scheduler.step()
+
+
+def test_bad_schedule_inputs():
+    with pytest.raises(ValueError, match="'cosine_with_restarts'"):
+        lr_multiplier(0, 10, 0, "cosine_with_restarts")
+    with pytest.raises(ValueError, match=r"\['num_cycles'\].*'linear'"):
+        schedule_kwargs("linear", {"num_cycles": 1.0})
+    with pytest.raises(ValueError, match=r"\['last_epoch'\].*'cosine'"):
+        schedule_kwargs("cosine", {"num_cycles": 1.0, "last_epoch": 3})
+    with pytest.raises(ValueError, match="warmup_steps"):
+        warmup_steps_from(-0.1, 10)
+    assert schedule_kwargs("constant", None) == {}
