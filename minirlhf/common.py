@@ -1,0 +1,134 @@
+"""What every entry point needs around its loop: processes and devices, seeding, precision, and logging.
+
+`init_distributed()` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); without it the same code runs as
+one plain process. Only rank 0 prints and writes files. Metrics go to `output_dir/metrics.jsonl` (one JSON object
+per log event, TRL's keys), to the console, and to TensorBoard when `report_to` asks for it (nanochat's common.py).
+"""
+
+import contextlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """One process per device under torchrun (nccl on CUDA, gloo on CPU); a single process otherwise."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Dist(rank, local_rank, world, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (all devices), as transformers.set_seed does."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(bf16: bool | None, fp16: bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. TRL's default bf16=None means "bf16 if the hardware has it".
+
+    Departure from TRL, which defaults to bf16 and crashes on CPU (spec §1.1): on CPU the automatic choice is fp32
+    (exact parity, and what TRL users get with use_cpu=True and bf16=False); bf16=true asks for CPU autocast.
+    """
+    if fp16:
+        return torch.float16
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        print0(f"[minirlhf] bf16 not set: using {'bf16' if bf16 else 'fp32'} on {device.type}")
+    return torch.bfloat16 if bf16 else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed-precision context for forward passes; a no-op in fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def all_reduce(t: torch.Tensor, op: str = "mean") -> torch.Tensor:
+    """Mean, sum, min or max of a tensor over ranks (identity in a single process)."""
+    if not dist.is_initialized():
+        return t
+    t = t.clone()
+    ops = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    dist.all_reduce(t, op=ops[op])
+    return t / dist.get_world_size() if op == "mean" else t
+
+
+class MetricsLogger:
+    """Rank 0 writes each log event to metrics.jsonl, the console (via tqdm) and optionally TensorBoard."""
+
+    def __init__(self, output_dir: str, report_to: str | list, is_main: bool, total_steps: int, disable_tqdm=None):
+        self.is_main = is_main
+        self.file = self.writer = self.bar = None
+        if not is_main:
+            return
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        self.file = open(Path(output_dir) / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
+        if "tensorboard" in targets or "all" in targets:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                msg = "report_to = 'tensorboard' needs TensorBoard: pip install 'minirlhf[tensorboard]'"
+                raise ImportError(msg) from None
+            self.writer = SummaryWriter(str(Path(output_dir) / "runs"))
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, disable=disable_tqdm, dynamic_ncols=True)
+        self.tqdm_write = tqdm.write
+
+    def update(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def log(self, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        self.tqdm_write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, metrics.get("step", 0))
+
+    def close(self) -> None:
+        for handle in (self.bar, self.file, self.writer):
+            if handle is not None:
+                handle.close()
