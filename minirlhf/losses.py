@@ -1,0 +1,210 @@
+"""Every RLHF formula of the reward-model and PPO loops, as small pure tensor functions (torch only).
+
+Reward model: the Bradley-Terry loss with TRL's optional margin and centring term, and the logged metrics
+(trl/trainer/reward_trainer.py, `RewardTrainer.compute_loss`).
+PPO: the helpers and post-processing of trl/experimental/ppo/ppo_trainer.py (itself a port of OpenAI's
+lm-human-preferences via vwxyzjn/summarize_from_feedback_details), with TRL's names.
+
+References: Bradley & Terry 1952; Touvron et al. 2023 (Llama 2, margin); Eisenstein et al. 2023 (centring, Eq. 2);
+Schulman et al. 2016 (GAE); Schulman et al. 2017 (PPO); Schulman 2020, http://joschu.net/blog/kl-approx.html (k1, k3);
+Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
+
+Mask convention, as in TRL: `mask` arguments of the `masked_*` helpers are True on *valid* positions;
+`padding_mask` / `padding_mask_p1` are TRL's masks, True on *padding* (`idx > L` / `idx > L + 1`, L = last valid
+response index). The PPO loop fills padded logprobs with INVALID_LOGPROB and padded values with 0 before calling these.
+
+Usage (one PPO update; B rollouts of T response tokens):
+
+    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)                          # (B, T)
+    rewards, non_score_reward = compute_rewards(kl, kl_coef, scores, sequence_lengths)
+    advantages, returns = compute_gae(rewards, values, gamma, lam)
+    advantages = masked_whiten(advantages, ~padding_mask).masked_fill(padding_mask, 0)
+    pg_loss, pg_clipfrac, ratio = ppo_policy_loss(new_logprobs, logprobs, advantages, padding_mask, cliprange)
+    vf_loss, vf_clipfrac = ppo_value_loss(vpred, values, returns, padding_mask_p1, cliprange_value)
+    loss = pg_loss + vf_coef * vf_loss
+"""
+
+import torch
+import torch.nn.functional as F
+
+INVALID_LOGPROB = 1.0  # written into logprobs at padding (TRL ppo_trainer.py), so ratio = 1 and k1 = k3 = 0 there
+
+KL_ESTIMATORS = ("k1", "k3")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reward model
+
+
+def reward_loss(
+    rewards_chosen: torch.Tensor,
+    rewards_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> torch.Tensor:
+    """Scalar reward-model loss from (B,) chosen and rejected rewards; `margin` is (B,) or None."""
+    logits = rewards_chosen - rewards_rejected  # (B,)
+    if margin is not None:
+        logits = logits - margin  # Llama 2 margin (Touvron et al. 2023, Eq. 2)
+    loss = -F.logsigmoid(logits).mean()  # Bradley-Terry NLL (Bradley & Terry 1952)
+    if center_rewards_coefficient is not None:
+        # centring auxiliary loss (Eisenstein et al. 2023, Eq. 2; TRL reward_trainer.py compute_loss)
+        loss = loss + center_rewards_coefficient * torch.mean((rewards_chosen + rewards_rejected) ** 2)
+    return loss
+
+
+@torch.no_grad()
+def reward_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> dict[str, float]:
+    """TRL's per-micro-batch reward metrics from (B,) rewards: min/mean/max over all 2B, accuracy (ties are wrong)
+    and margin. Single process: under DDP, all-gather both tensors first (TRL's numbers when ranks hold equal B)."""
+    rewards = torch.cat([rewards_chosen, rewards_rejected])  # (2B,)
+    return {
+        "min_reward": rewards.min().item(),
+        "mean_reward": rewards.mean().item(),
+        "max_reward": rewards.max().item(),
+        "accuracy": (rewards_chosen > rewards_rejected).float().mean().item(),
+        "margin": (rewards_chosen - rewards_rejected).mean().item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Token-level helpers (TRL experimental/utils.py, trainer/utils.py, experimental/ppo/ppo_trainer.py)
+
+
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True along the last dim, shape bools.shape[:-1]; the row length where a row has none."""
+    # argmax returns the first maximal index (TRL experimental/utils.py first_true_indices)
+    first = bools.long().argmax(dim=-1)
+    return torch.where(bools.any(dim=-1), first, bools.size(-1))
+
+
+def truncate_response(stop_token_id: int, pad_token_id: int, responses: torch.Tensor) -> torch.Tensor:
+    """(B, T) responses with every token after the first stop token set to pad; the stop token is kept and rows
+    without one are unchanged (TRL ppo_trainer.py truncate_response)."""
+    stop_idx = first_true_indices(responses == stop_token_id).unsqueeze(-1)  # (B, 1)
+    idx = torch.arange(responses.size(-1), device=responses.device)  # (T,)
+    return responses.masked_fill(idx > stop_idx, pad_token_id)
+
+
+def logprobs_from_logits(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[index]: (B, T, V) logits, (B, T) token ids -> (B, T) (TRL trainer/utils.py
+    selective_log_softmax). Works one row of B at a time so no (B, T, V) temporary is made."""
+    if logits.dtype in (torch.float32, torch.float64):
+        # log_softmax(z)_i = z_i - logsumexp(z)
+        logsumexp = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (B, T)
+        return logits.gather(-1, index.unsqueeze(-1)).squeeze(-1) - logsumexp
+    # bf16/fp16: z_i - logsumexp(z) loses too much precision, so normalise each row with log_softmax first
+    rows = zip(logits, index.unsqueeze(-1), strict=True)  # (T, V) and (T, 1) per row
+    return torch.stack([row.log_softmax(-1).gather(-1, idx) for row, idx in rows]).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position, (..., V) -> (...) (TRL ppo_trainer.py `entropy` statistic)."""
+    # H = logsumexp(z) - sum_i softmax(z)_i z_i, which equals -sum p log p
+    return torch.logsumexp(logits, dim=-1) - (logits.softmax(dim=-1) * logits).sum(dim=-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """Mean of x over positions where mask is True (over `axis`, else all); NaN where the mask is empty."""
+    if axis is None:
+        return (x * mask).sum() / mask.sum()
+    return (x * mask).sum(axis) / mask.sum(axis)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of x over the True positions of mask; unbiased raises on an empty mask and is inf for one position."""
+    variance = masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n == 0:
+            raise ValueError("masked_var: the mask is all False (every position is padding); use a larger batch")
+        variance = variance * (n / (n - 1))  # Bessel's correction, as TRL ppo_trainer.py masked_var
+    return variance
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the True positions of mask, applied to every position; keeps the mean if not shift_mean."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)  # 1e-8 as TRL ppo_trainer.py masked_whiten
+    return whitened + mean if not shift_mean else whitened
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PPO: rewards, advantages, losses (TRL experimental/ppo/ppo_trainer.py steps 4-6 and the update)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_estimator: str) -> torch.Tensor:
+    """Per-token KL(policy || ref) estimate, (B, T); 0 where both logprobs hold INVALID_LOGPROB."""
+    # k1 / k3 of Schulman 2020 "Approximating KL divergence", written as TRL does (with logr = ref - policy)
+    logr = ref_logprobs - logprobs
+    if kl_estimator == "k1":
+        return -logr
+    if kl_estimator == "k3":
+        return (logr.exp() - 1) - logr  # TRL uses exp() - 1, not expm1(); kept for bitwise parity
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+
+
+def compute_rewards(
+    kl: torch.Tensor, kl_coef: float, scores: torch.Tensor, sequence_lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards (B, T): -kl_coef * kl everywhere, plus the (B,) score at L + 1, or at L when L + 1 == T,
+    with L = sequence_lengths (B,). Returns (rewards, non_score_reward)."""
+    non_score_reward = -kl_coef * kl  # (B, T)
+    rewards = non_score_reward.clone()
+    # the score goes on the first padding slot after the response (lm-human-preferences; huggingface/trl#1893)
+    sequence_lengths_p1 = sequence_lengths + 1
+    actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)  # (B,)
+    rewards[torch.arange(rewards.size(0), device=rewards.device), actual_end] += scores
+    return rewards, non_score_reward
+
+
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates and returns, both (B, T), from (B, T) rewards and values; V after T is 0.
+    Returns are advantages + values, taken before any whitening (TRL ppo_trainer.py step 6)."""
+    # A_t = delta_t + gamma * lam * A_{t+1}, delta_t = r_t + gamma * V_{t+1} - V_t (Schulman et al. 2016, Eq. 16)
+    gen_length = rewards.size(1)
+    advantages = torch.empty_like(rewards)
+    lastgaelam = 0.0
+    for t in reversed(range(gen_length)):
+        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages[:, t] = lastgaelam
+    return advantages, advantages + values
+
+
+def ppo_policy_loss(
+    new_logprobs: torch.Tensor,
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    padding_mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate loss over non-padding positions from (B, T) inputs. Returns (pg_loss, pg_clipfrac, ratio),
+    ratio (B, T) unmasked: 1 at padding when both logprobs hold INVALID_LOGPROB there."""
+    # L = -min(r A, clip(r, 1 - eps, 1 + eps) A) (Schulman et al. 2017, Eq. 7)
+    ratio = torch.exp(new_logprobs - logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), ~padding_mask)
+    pg_clipfrac = masked_mean((pg_losses2 > pg_losses).float(), ~padding_mask)
+    return pg_loss, pg_clipfrac, ratio
+
+
+def ppo_value_loss(
+    vpred: torch.Tensor,
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    padding_mask_p1: torch.Tensor,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * mean(max(sq errors)) over positions 0..L+1 from (B, T) inputs; values are the
+    rollout's. Returns (vf_loss, vf_clipfrac)."""
+    # value clipping around the rollout values (lm-human-preferences; Huang et al. 2024; TRL ppo_trainer.py)
+    vpredclipped = torch.clamp(vpred, values - cliprange_value, values + cliprange_value)
+    vf_losses1 = torch.square(vpred - returns)
+    vf_losses2 = torch.square(vpredclipped - returns)
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), ~padding_mask_p1)
+    vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), ~padding_mask_p1)
+    return vf_loss, vf_clipfrac
