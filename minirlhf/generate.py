@@ -1,0 +1,132 @@
+"""Batched generation with a KV cache: left-padded prompts in, prompts + responses and behaviour logprobs out.
+
+This replaces what TRL's PPO gets from transformers' `generate` (spec §5.2-§5.3):
+- attention mask = `queries != pad_token_id`, pad ids replaced by 0 before the forward (so a pad id outside the
+  embedding works), position ids `cumsum(mask) - mask` (first real token at 0), as TRL's `forward` uses;
+- logits in fp32, then temperature, top-k, top-p in transformers' order and with its semantics (the warpers are
+  applied only when sampling, as in transformers);
+- a row that has produced `stop_token_id` is finished: its later tokens are `pad_token_id`, and generation stops
+  once every row is finished, so the response length T can be shorter than `max_new_tokens`.
+
+Unlike TRL's `batch_generation`, which keeps the processed logits of every step, (B, T, vocab), and takes log-softmax
+afterwards (spec pitfall 16), the behaviour logprobs are gathered step by step and only (B, T) is kept.
+TRL passes `temperature + 1e-7` to generate; callers that want TRL's numbers should do the same.
+
+Usage:
+    out = generate(policy, queries, pad_token_id, max_new_tokens=53, temperature=0.7 + 1e-7, stop_token_id=eos)
+    responses = out.query_responses[:, queries.shape[1]:]  # (B, T)
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minirlhf.model import CausalLM, KVCache
+
+
+@dataclass
+class GenerationOutput:
+    query_responses: torch.Tensor  # (B, context_length + T): the queries followed by the generated tokens
+    logprobs: torch.Tensor  # (B, T): log-softmax of the processed logits at the sampled token, fp32
+    logits: torch.Tensor | None = None  # (B, T, vocab): the processed logits in fp32, only with return_logits=True
+
+
+def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) filtering of (..., vocab) logits; filtered entries get -inf.
+
+    Same semantics as transformers' Temperature/TopK/TopPLogitsWarper with min_tokens_to_keep=1: top_k=0 and
+    top_p=1.0 are off, ties with the k-th largest logit are kept, and the most likely token is always kept.
+    """
+    logits = logits / temperature
+    if top_k > 0:
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        # Nucleus (Holtzman et al. 2019): drop the least likely tokens while their total mass stays <= 1 - top_p.
+        # Sorted ascending, as transformers does, so that ties at the boundary fall the same way.
+        sorted_logits, sorted_indices = torch.sort(logits, dim=-1)
+        tail_mass = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_remove = tail_mass <= 1 - top_p
+        sorted_remove[..., -1] = False  # min_tokens_to_keep=1: the most likely token always stays
+        remove = sorted_remove.scatter(-1, sorted_indices, sorted_remove)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def next_token_logits(model: CausalLM, input_ids, attention_mask, position_ids, cache: KVCache) -> torch.Tensor:
+    """(B, vocab) logits at the last position only: projecting every prompt position onto the vocabulary would
+    cost a (B, ctx, vocab) matmul, ~40% of the prefill of a 50M model with a 32k vocabulary."""
+    hidden = model.transformer(input_ids, attention_mask, position_ids, cache)[:, -1]  # (B, hidden)
+    weight = model.transformer.embed.weight if model.lm_head is None else model.lm_head.weight  # tied or not
+    return F.linear(hidden, weight)
+
+
+@torch.no_grad()
+def generate(
+    model: CausalLM,
+    queries: torch.Tensor,
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    stop_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    return_logits: bool = False,
+) -> GenerationOutput:
+    """Sample (or, with do_sample=False, greedily pick) up to max_new_tokens for each row of left-padded queries.
+
+    Runs in the model's current mode (dropout stays as set). The prompt is prefilled once, then one token per step
+    reads the cache. `generator` drives `torch.multinomial` (the global generator when None). Logprobs after a row's
+    stop are those of the token sampled there, not of the pad written instead; PPO masks those positions anyway.
+    """
+    if queries.dim() != 2:
+        raise ValueError(f"generate: queries must be (batch, context_length), got shape {tuple(queries.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
+    if top_k < 0 or not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"generate: need top_k >= 0 and 0 <= top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    B, context_length = queries.shape
+    device = queries.device
+
+    # Prompt: mask, positions and pad-free ids exactly as TRL's forward() builds them.
+    query_mask = (queries != pad_token_id).long()  # (B, ctx)
+    position_ids = query_mask.cumsum(-1) - query_mask  # (B, ctx)
+    input_ids = queries.masked_fill(query_mask == 0, 0)
+    # Keys seen so far: the prompt's mask, then 1 for every generated token (finished rows too, like transformers).
+    attention_mask = torch.cat([query_mask, query_mask.new_ones(B, max_new_tokens)], dim=1)  # (B, ctx + max_new)
+    next_position = query_mask.sum(-1, keepdim=True)  # (B, 1): each row continues after its own last prompt token
+    cache = KVCache(model.cfg, B, context_length + max_new_tokens, device, next(model.parameters()).dtype)
+
+    logits = next_token_logits(model, input_ids, attention_mask[:, :context_length], position_ids, cache)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    responses, logprobs, processed = [], [], []
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        if do_sample:
+            logits = process_logits(logits, temperature, top_k, top_p)
+            next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+        else:
+            next_token = logits.argmax(-1)  # (B,)
+        logprobs.append(logits.log_softmax(-1).gather(-1, next_token[:, None]).squeeze(-1))
+        if return_logits:
+            processed.append(logits)
+        responses.append(next_token.masked_fill(finished, pad_token_id))
+        if stop_token_id is not None:
+            finished |= next_token == stop_token_id
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        # Finished rows are fed their sampled token rather than the pad id (which may be outside the embedding);
+        # whatever they compute is replaced by padding.
+        logits = next_token_logits(model, next_token[:, None], attention_mask[:, : context_length + step + 1],
+                                   next_position + step, cache)
+
+    return GenerationOutput(
+        query_responses=torch.cat([queries, torch.stack(responses, dim=1)], dim=1),
+        logprobs=torch.stack(logprobs, dim=1),
+        logits=torch.stack(processed, dim=1) if return_logits else None,
+    )
