@@ -44,7 +44,8 @@ DELIBERATE = {"bf16": "TRL resolves None to True at construction (and fails on C
 SCRIPT_FIELDS = {"model_name_or_path", "model_revision", "dtype", "dataset_name", "dataset_train_split",
                  "dataset_test_split"}
 NOT_IN_TRL = {"warmup_ratio": "removed in transformers 5; accepted as the ratio form of warmup_steps",
-              "sample_generations_freq": "a PPOTrainer attribute", "local_seed": "a PPOTrainer attribute"}
+              "sample_generations_freq": "a PPOTrainer attribute", "local_seed": "a PPOTrainer attribute",
+              "toytask_gold_score": "minirlhf's toy task: logs objective/gold_score"}
 
 
 def _theirs_normalised(name, value):

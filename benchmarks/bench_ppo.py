@@ -1,0 +1,176 @@
+"""PPO benchmark: minirlhf.ppo vs TRL 1.12's PPOTrainer on CPU, fp32, the same ~12M-parameter Llama models.
+
+Both sides load the same random policy and reward/value model (saved once by transformers, no downloads) and run
+the same PPO updates: batch 8 prompts of 16-24 tokens, 24 sampled tokens each (no stop token, so both sample exactly
+8 * 24 tokens per update), 4 PPO epochs of one minibatch, no gradient clipping or checkpointing (TRL applies
+neither). Each side runs in a fresh subprocess, so that peak RSS (ru_maxrss: imports, four models, optimizer state
+and the largest temporaries) is its own; the sides alternate over the repeats, so a busy neighbour on a shared
+machine slows both alike. Reported per side (median over repeats): episodes/s over the updates after the first
+(warmup), generation tokens/s (sampling time only; TRL's `batch_generation` is timed through a wrapper), and peak
+RSS. Ratios are ours / TRL's (> 1: ours is faster or, for memory, larger).
+
+Usage:
+    python benchmarks/bench_ppo.py --threads 1     # 6 updates per run, 2 repeats: ~2.5 minutes on 2 shared cores
+    python benchmarks/bench_ppo.py                 # torch's default threads; on a busy machine OpenMP threads
+                                                   # oversubscribe the cores (measured: > 15 minutes, load 7)
+"""
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+BATCH, RESPONSE_LENGTH, PPO_EPOCHS, UPDATES = 8, 24, 4, 6
+MODEL = dict(vocab_size=16384, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+             intermediate_size=688, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+EOS = 2
+
+
+def build(folder: Path) -> None:
+    """Random Llama policy and seq-cls reward model, a word-level tokenizer with an added [PAD], and prompts."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**MODEL)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder / "policy")
+    transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**MODEL, num_labels=1)).save_pretrained(
+        folder / "reward")
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": EOS, **{f"t{i}": i for i in range(3, MODEL["vocab_size"])}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
+                                                     padding_side="left")
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    tokenizer.save_pretrained(folder / "policy")
+    lengths = torch.randint(16, 25, (BATCH * UPDATES,)).tolist()
+    prompts = [torch.randint(3, MODEL["vocab_size"], (n,)).tolist() for n in lengths]
+    (folder / "prompts.json").write_text(json.dumps(prompts))
+
+
+def run_ours(folder: Path) -> tuple[list[float], float, int]:
+    """Update wall times, sampling seconds and sampled tokens of minirlhf's loop (ppo.main's steps 1-2)."""
+    from minirlhf import ppo
+    from minirlhf.model import CausalLM, RewardModel
+    from minirlhf.optim import AdamW, param_groups
+    from minirlhf.tokenizer import Tokenizer
+
+    prompts = [{"input_ids": p} for p in json.loads((folder / "prompts.json").read_text())]
+    args = ppo.PPOConfig(per_device_train_batch_size=BATCH, local_rollout_forward_batch_size=BATCH,
+                         response_length=RESPONSE_LENGTH, num_ppo_epochs=PPO_EPOCHS, total_episodes=len(prompts),
+                         learning_rate=1e-5, max_grad_norm=0, gradient_checkpointing=False)
+    args.set_runtime_sizes(1, len(prompts))
+    pad = Tokenizer.from_pretrained(folder / "policy").pad_token_id
+    policy, ref_policy = (CausalLM.from_pretrained(str(folder / "policy")) for _ in range(2))
+    value_model, reward_model = (RewardModel.from_pretrained(str(folder / "reward")) for _ in range(2))
+    model = ppo.PolicyAndValue(policy, value_model).train()
+    optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
+    batches = ppo.prompt_batches(prompts, args, pad, 0, 1)
+    times, sampling, tokens = [], 0.0, 0
+    for update in range(1, args.num_total_batches + 1):
+        start = time.perf_counter()
+        queries = next(batches)
+        query_responses, logprobs = ppo.sample_responses(policy, queries, args, pad, None, None)
+        sampling += time.perf_counter() - start if update > 1 else 0.0
+        tokens += query_responses[:, queries.shape[1]:].numel() if update > 1 else 0
+        rollouts = ppo.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs,
+                                       args, pad, None, None)
+        batch = ppo.compute_advantages(rollouts, args, EOS)
+        ppo.ppo_update(model, optimizer, batch, args, pad, ppo.minibatch_orders(args, update))
+        times.append(time.perf_counter() - start)
+    return times[1:], sampling, tokens
+
+
+def run_trl(folder: Path, output_dir: str) -> tuple[list[float], float, int]:
+    """The same for TRL: update boundaries and sampling time from a wrapper around its batch_generation."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import datasets
+    import transformers
+    from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
+
+    prompts = json.loads((folder / "prompts.json").read_text())
+    calls = []  # (start, end, sampled tokens) of each update's generation
+    original = ppo_trainer.batch_generation
+
+    def timed_batch_generation(model, queries, *args, **kwargs):
+        start = time.perf_counter()
+        query_responses, logits = original(model, queries, *args, **kwargs)
+        calls.append((start, time.perf_counter(), query_responses[:, queries.shape[1]:].numel()))
+        return query_responses, logits
+
+    ppo_trainer.batch_generation = timed_batch_generation
+    args = PPOConfig(output_dir=output_dir, per_device_train_batch_size=BATCH, local_rollout_forward_batch_size=BATCH,
+                     response_length=RESPONSE_LENGTH, num_ppo_epochs=PPO_EPOCHS, total_episodes=len(prompts),
+                     learning_rate=1e-5, num_sample_generations=0, bf16=False, report_to="none", save_strategy="no",
+                     disable_tqdm=True)
+    dataset = datasets.Dataset.from_dict({"input_ids": prompts})
+    trainer = PPOTrainer(
+        args=args, processing_class=transformers.AutoTokenizer.from_pretrained(folder / "policy"),
+        model=transformers.AutoModelForCausalLM.from_pretrained(folder / "policy"), ref_model=None,
+        reward_model=transformers.AutoModelForSequenceClassification.from_pretrained(folder / "reward"),
+        value_model=transformers.AutoModelForSequenceClassification.from_pretrained(folder / "reward"),
+        train_dataset=dataset, eval_dataset=dataset)
+    trainer.train()
+    ends = [start for start, _, _ in calls[1:]] + [time.perf_counter()]
+    times = [end - start for (start, _, _), end in zip(calls, ends, strict=True)]
+    return times[1:], sum(end - start for start, end, _ in calls[1:]), sum(n for _, _, n in calls[1:])
+
+
+def child(side: str, folder: Path) -> None:
+    with tempfile.TemporaryDirectory() as output_dir:
+        times, sampling, tokens = run_ours(folder) if side == "ours" else run_trl(folder, output_dir)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"episodes_s": BATCH * len(times) / sum(times), "gen_tok_s": tokens / sampling,
+                      "update_s": statistics.median(times), "peak_rss_mib": peak_mib}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--child", nargs=2, metavar=("SIDE", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        child(args.child[0], Path(args.child[1]))
+        return
+
+    print(f"$ python {shlex.join(sys.argv)}")
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC | torch {torch.__version__} | {args.threads} threads | "
+          f"batch {BATCH}, response_length {RESPONSE_LENGTH}, {PPO_EPOCHS} PPO epochs, {UPDATES} updates (1 warmup)")
+    results = {"ours": [], "trl": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        build(Path(tmp))
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        for _ in range(args.repeats):
+            for side in results:
+                out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", side, tmp],
+                                     capture_output=True, text=True, env=env, check=True)
+                results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    params = sum(v for v in (MODEL["vocab_size"] * MODEL["hidden_size"] * 2,
+                             MODEL["num_hidden_layers"] * (4 * MODEL["hidden_size"] ** 2
+                                                           + 3 * MODEL["hidden_size"] * MODEL["intermediate_size"])))
+    print(f"policy ~{params / 1e6:.1f}M parameters (Llama, vocab {MODEL['vocab_size']}), fp32, CPU; median of "
+          f"{args.repeats} runs per side\n")
+    keys = [("episodes_s", "episodes/s", "{:.2f}"), ("gen_tok_s", "generation tok/s", "{:,.0f}"),
+            ("update_s", "s/update", "{:.2f}"), ("peak_rss_mib", "peak RSS MiB", "{:,.0f}")]
+    medians = {side: {k: statistics.median(r[k] for r in runs) for k, _, _ in keys} for side, runs in results.items()}
+    print("| | " + " | ".join(name for _, name, _ in keys) + " |")
+    print("|---|" + "---:|" * len(keys))
+    for side, label in (("ours", "minirlhf"), ("trl", "TRL 1.12 PPOTrainer")):
+        print(f"| {label} | " + " | ".join(fmt.format(medians[side][k]) for k, _, fmt in keys) + " |")
+    print("| ours / TRL | " + " | ".join(f"{medians['ours'][k] / medians['trl'][k]:.2f}x" for k, _, _ in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""minirlhf.ppo against TRL 1.12.0's PPOTrainer, and its own guarantees: reproducible sampling, exact resume, DDP.
+
+- One PPO update vs TRL on tiny random Llama models (transformers builds them; both sides load the same folders),
+  with TRL's generation replaced by fixed responses and behaviour logits (monkeypatched `batch_generation`) and
+  TRL's NumPy minibatch permutations fed to our update: rewards, advantages, returns, every logged metric and the
+  updated policy and value weights agree to 1e-5 (fp32). TRL's data order is checked against ours too.
+- Sampling with a seed repeats exactly, and the behaviour logprobs equal a recomputed forward (1e-5).
+- A run interrupted after its checkpoint and resumed ends bitwise equal to an uninterrupted one.
+- Two gloo ranks (DDP) equal one process on the same rollouts (fp64, 1e-10).
+- The command line: `python -m minirlhf.ppo cfg.toml` runs, and bad data fails with a one-line error.
+
+transformers and trl are imported inside the tests that use them, so the DDP worker processes start fast.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from minirlhf import ppo
+from minirlhf.hf import to_hf_tensors
+from minirlhf.losses import INVALID_LOGPROB
+from minirlhf.model import CausalLM, RewardModel
+from minirlhf.optim import AdamW, param_groups
+from minirlhf.tokenizer import Tokenizer
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+EOS, PAD = 2, 96  # PAD lies outside the models' 96-token vocabulary, as TRL's example adds "[PAD]"
+TEMPERATURE = 0.7
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def our_config(**overrides) -> ppo.PPOConfig:
+    """A PPOConfig with sizes filled as for one process."""
+    kw = dict(per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=2, local_rollout_forward_batch_size=2,
+              response_length=6, temperature=TEMPERATURE, stop_token="eos", missing_eos_penalty=1.0, max_grad_norm=0,
+              learning_rate=1e-3, total_episodes=4, num_sample_generations=0, gradient_checkpointing=False)
+    kw.update(overrides)
+    args = ppo.PPOConfig(**kw)
+    args.set_runtime_sizes(1, 8)
+    return args
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared machine is not oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    """A random 2-layer Llama policy and seq-cls reward model (transformers), and a word-level tokenizer with an added
+    [PAD], saved in Hugging Face layout."""
+    import tiny
+    import transformers
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    tiny.hf_model("llama").save_pretrained(folder / "policy")
+    reward = tiny.hf_model("llama", head="seq_cls")
+    with torch.no_grad():
+        reward.score.weight.normal_(0, 1.0)  # a trained-looking head: scores of order 1
+    reward.save_pretrained(folder / "reward")
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": EOS, **{f"w{i}": i for i in range(3, tiny.VOCAB)}}
+    backend = BackendTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
+                                                     padding_side="left")
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    assert tokenizer.pad_token_id == PAD
+    tokenizer.save_pretrained(folder / "policy")
+    return folder
+
+
+def fixed_responses(B: int = 4) -> torch.Tensor:
+    """(B, 6) responses covering every case of §5.4: a stop in the middle, none (the score goes on the last token and
+    the EOS penalty applies), an empty response, and a stop on the last token. After a stop, EOS repeats, as
+    transformers' generate pads finished rows when the model has no pad id."""
+    rows = [[10, 11, EOS, EOS, EOS, EOS], [20, 21, 22, 23, 24, 25], [EOS, EOS, EOS, EOS, EOS, EOS],
+            [30, 31, 32, 33, 34, EOS]]
+    return torch.tensor(rows * (B // 4))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One update against TRL
+
+
+@pytest.mark.parametrize("batch_size, kl_estimator, whiten_rewards", [(4, "k1", False), (16, "k3", True)])
+def test_update_matches_trl(tiny_models, tmp_path, monkeypatch, batch_size, kl_estimator, whiten_rewards):
+    import datasets
+    import transformers
+    from trl.experimental.ppo import PPOConfig as TRLPPOConfig
+    from trl.experimental.ppo import PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    # 2B prompts of 2-5 tokens: TRL's first batch is B of them
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(2, 6, (2 * batch_size,), generator=g).tolist()
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
+    responses = fixed_responses(batch_size)
+
+    recorded = {}
+
+    def theirs_batch_generation(model, queries, local_rollout_forward_batch_size, pad_token_id, generation_config):
+        # stands in for sampling: fixed tokens, and the policy's own logits at the temperature plus noise as the
+        # behaviour logits (so the first ratios are near 1 but not exactly, and some get clipped)
+        query_responses = torch.cat((queries, responses), 1)
+        context_length = queries.shape[1]
+        with torch.no_grad():
+            logits = trl_ppo.forward(model, query_responses, pad_token_id).logits[:, context_length - 1 : -1]
+        logits = logits / (TEMPERATURE + 1e-7) + 0.3 * torch.randn(logits.shape, generator=g)
+        recorded.update(queries=queries.clone(), logits=logits.clone())
+        return query_responses, logits
+
+    def theirs_masked_whiten(values, mask, shift_mean=True):
+        out = trl_masked_whiten(values, mask, shift_mean)
+        if shift_mean:  # the call on the advantages: its caller's locals hold everything before the update
+            recorded.update(sys._getframe(1).f_locals, whitened=out)
+        return out
+
+    permutations = []
+
+    def theirs_permutation(n):
+        permutations.append(np_permutation(n))
+        return permutations[-1]
+
+    trl_masked_whiten, np_permutation = trl_ppo.masked_whiten, np.random.permutation
+    monkeypatch.setattr(trl_ppo, "batch_generation", theirs_batch_generation)
+    monkeypatch.setattr(trl_ppo, "masked_whiten", theirs_masked_whiten)
+    monkeypatch.setattr(np.random, "permutation", theirs_permutation)
+
+    load = dict(attn_implementation="eager")
+    sizes = dict(per_device_train_batch_size=batch_size, total_episodes=batch_size, kl_estimator=kl_estimator,
+                 whiten_rewards=whiten_rewards)
+    theirs_args = TRLPPOConfig(output_dir=str(tmp_path / "trl"), **sizes,
+                               gradient_accumulation_steps=1, num_mini_batches=2, num_ppo_epochs=2,
+                               local_rollout_forward_batch_size=2, response_length=6, temperature=TEMPERATURE,
+                               stop_token="eos", missing_eos_penalty=1.0, learning_rate=1e-3,
+                               num_sample_generations=0, bf16=False, report_to="none", save_strategy="no", seed=3)
+    dataset = datasets.Dataset.from_dict({"input_ids": prompts})
+    trainer = PPOTrainer(
+        args=theirs_args,
+        processing_class=transformers.AutoTokenizer.from_pretrained(tiny_models / "policy"),
+        model=transformers.AutoModelForCausalLM.from_pretrained(tiny_models / "policy", **load),
+        ref_model=None,
+        reward_model=transformers.AutoModelForSequenceClassification.from_pretrained(tiny_models / "reward", **load),
+        value_model=transformers.AutoModelForSequenceClassification.from_pretrained(tiny_models / "reward", **load),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+    )
+    trainer.train()
+    theirs_metrics = trainer.state.log_history[-1]
+
+    # ours: the same queries, fixed responses and behaviour logprobs, models loaded from the same folders
+    args = our_config(seed=3, **sizes)
+    args.set_runtime_sizes(1, len(prompts))
+    queries = recorded["queries"]
+    query_responses = torch.cat((queries, responses), 1)
+    logprobs = torch.log_softmax(recorded["logits"], -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    policy = CausalLM.from_pretrained(str(tiny_models / "policy"))
+    ref_policy = CausalLM.from_pretrained(str(tiny_models / "policy")).eval()
+    value_model = RewardModel.from_pretrained(str(tiny_models / "reward"))
+    reward_model = RewardModel.from_pretrained(str(tiny_models / "reward")).eval()
+    model = ppo.PolicyAndValue(policy, value_model).train()
+    optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
+    rollouts = ppo.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs, args,
+                                   PAD, EOS, None)
+    batch = ppo.compute_advantages(rollouts, args, EOS)
+    orders = [torch.as_tensor(p) for p in permutations]
+    assert len(orders) == args.num_ppo_epochs
+    stats = ppo.ppo_update(model, optimizer, batch, args, PAD, orders)
+    ours_metrics = {**ppo.update_metrics(batch, stats, EOS), "lr": args.learning_rate, "episode": batch_size,
+                    "epoch": 0.5, "step": 1}
+
+    # rollout post-processing (§5.4-§5.5)
+    theirs_advantages = torch.masked_fill(recorded["whitened"], recorded["padding_mask"], 0)
+    for key in ("scores", "logprobs", "ref_logprobs", "values", "rewards", "returns", "non_score_reward"):
+        torch.testing.assert_close(batch[key], recorded[key], **TOL, msg=key)
+    torch.testing.assert_close(batch["advantages"], theirs_advantages, **TOL)
+    for key in ("sequence_lengths", "padding_mask", "padding_mask_p1", "postprocessed_responses"):
+        torch.testing.assert_close(batch[key], recorded[key], rtol=0, atol=0, msg=key)
+    assert batch["padding_mask"].any() and (batch["scores"] < rollouts["scores"]).any()  # cases really exercised
+
+    # every logged metric but the speed
+    assert set(ours_metrics) == set(theirs_metrics) - {"eps"}
+    for key, value in ours_metrics.items():
+        assert value == pytest.approx(theirs_metrics[key], rel=1e-5, abs=1e-5), key
+    assert 0 < ours_metrics["policy/clipfrac_avg"] < 1
+
+    # updated weights of the policy and the value model
+    for ours, theirs in ((policy, trainer.model.policy), (value_model, trainer.model.value_model)):
+        ours_state = to_hf_tensors(ours.cfg, ours.state_dict())
+        theirs_state = theirs.state_dict()
+        assert set(ours_state) == set(theirs_state)
+        for name, tensor in ours_state.items():
+            torch.testing.assert_close(tensor, theirs_state[name], **TOL, msg=name)
+    start = load_file(tiny_models / "policy" / "model.safetensors")["lm_head.weight"]
+    assert (to_hf_tensors(policy.cfg, policy.state_dict())["lm_head.weight"] - start).abs().max() > 1e-4
+
+
+def test_prompt_order_is_accelerates_seedable_sampler_sharded_by_rank():
+    from accelerate import Accelerator
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    Accelerator()  # accelerate's state must exist; nothing is distributed here
+    examples = [{"input_ids": [i + 3]} for i in range(20)]  # a one-token prompt per row names the row
+    args = our_config(seed=5)
+    args.set_runtime_sizes(2, len(examples))  # local batch 4, 2 ranks: 2 full rounds per epoch, 4 rows dropped
+    for rank in range(2):
+        ours = ppo.prompt_batches(examples, args, PAD, rank, world_size=2)
+        theirs = prepare_data_loader(
+            DataLoader(examples, batch_size=4, shuffle=True, drop_last=True, collate_fn=lambda b: b),
+            num_processes=2, process_index=rank, put_on_device=False, use_seedable_sampler=True, data_seed=5)
+        theirs_ids = [[[e["input_ids"][0]] for e in b] for _ in range(3) for b in theirs]  # three epochs
+        assert [next(ours).tolist() for _ in theirs_ids] == theirs_ids
+        resumed = ppo.prompt_batches(examples, args, PAD, rank, world_size=2, start=3)  # epoch 1, its 2nd batch
+        assert [next(resumed).tolist() for _ in theirs_ids[3:]] == theirs_ids[3:]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_sampling_is_reproducible_and_logprobs_match_a_forward(tiny_models):
+    args = our_config(response_length=8, local_rollout_forward_batch_size=3)
+    policy = CausalLM.from_pretrained(str(tiny_models / "policy"))
+    with torch.no_grad():  # sharper logits, so that tokens repeat and rows stop at different steps
+        policy.lm_head.weight.mul_(30)
+    queries = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10], [PAD, 11, 12, 13], [PAD, PAD, PAD, 14], [15, 16, 17, 18]])
+    torch.manual_seed(7)
+    sampled = ppo.sample_responses(policy, queries, args, PAD, None, None)[0][:, queries.shape[1]:]
+    stop = sampled.flatten().mode().values.item()  # the most frequent token serves as the stop token
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(ppo.sample_responses(policy, queries, args, PAD, stop, None))
+    (ours_qr, ours_logprobs), (again_qr, again_logprobs) = runs
+    assert torch.equal(ours_qr, again_qr) and torch.equal(ours_logprobs, again_logprobs)
+    torch.manual_seed(8)
+    assert not torch.equal(ppo.sample_responses(policy, queries, args, PAD, stop, None)[0], ours_qr)
+
+    # the behaviour logprobs are those of a plain forward at the same temperature, on every non-padding position
+    reward_model = RewardModel.from_pretrained(str(tiny_models / "reward"))
+    rollouts = ppo.score_responses(policy, reward_model, reward_model, queries, ours_qr, ours_logprobs, args, PAD, stop,
+                                   None)
+    batch = ppo.compute_advantages(rollouts, args, EOS)
+    assert batch["padding_mask"].any() and not batch["padding_mask"].all()
+    valid = ~batch["padding_mask"]
+    torch.testing.assert_close(ours_logprobs[valid], rollouts["ref_logprobs"][valid], **TOL)
+    assert torch.all(batch["logprobs"][~valid] == INVALID_LOGPROB)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line, resume
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The shipped toy task with a random SFT policy and reward model, and PPO flags for a 4-update run."""
+    from minirlhf import toytask
+
+    folder = tmp_path_factory.mktemp("toy")
+    toytask.write(folder / "task")
+    torch.manual_seed(0)
+    policy = CausalLM.from_pretrained(str(folder / "task" / "model"))
+    policy.save_pretrained(str(folder / "sft"))
+    Tokenizer.from_pretrained(folder / "task" / "model").save_pretrained(folder / "sft")
+    RewardModel.from_pretrained(str(folder / "sft")).save_pretrained(str(folder / "reward"))
+    prompts = (folder / "task" / "prompts_train.jsonl").read_text().splitlines()[:16]
+    (folder / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    flags = ["--sft_model_path", str(folder / "sft"), "--reward_model_path", str(folder / "reward"),
+             "--dataset_name", str(folder / "prompts.jsonl"), "--per_device_train_batch_size", "4",
+             "--local_rollout_forward_batch_size", "2", "--num_mini_batches", "2", "--num_ppo_epochs", "2",
+             "--total_episodes", "16", "--response_length", "6", "--stop_token", "eos", "--learning_rate", "1e-3",
+             "--save_steps", "2", "--num_sample_generations", "2", "--per_device_eval_batch_size", "4",
+             "--toytask_gold_score", "true", "--disable_tqdm", "true"]
+    return folder, flags
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_is_bitwise_equal(toy_run, tmp_path, monkeypatch):
+    folder, flags = toy_run
+    ppo.main([*flags, "--output_dir", str(tmp_path / "a"), "--gradient_checkpointing", "true"])
+
+    ppo_update, calls = ppo.ppo_update, []
+
+    def interrupted_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # update 3, after checkpoint-2
+            raise KeyboardInterrupt
+        return ppo_update(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", interrupted_update)
+    b_flags = [*flags, "--output_dir", str(tmp_path / "b"), "--gradient_checkpointing", "true"]
+    with pytest.raises(KeyboardInterrupt):
+        ppo.main(b_flags)
+    monkeypatch.setattr(ppo, "ppo_update", ppo_update)
+    ppo.main([*b_flags, "--resume_from_checkpoint", "true"])
+
+    for sub in ("", "value_model"):
+        ours = load_file(tmp_path / "b" / sub / "model.safetensors")
+        uninterrupted = load_file(tmp_path / "a" / sub / "model.safetensors")
+        assert all(torch.equal(ours[k], uninterrupted[k]) for k in uninterrupted)
+    ours_metrics, uninterrupted_metrics = read_jsonl(tmp_path / "b" / "metrics.jsonl"), read_jsonl(
+        tmp_path / "a" / "metrics.jsonl")
+    assert [m["step"] for m in ours_metrics] == [1, 2, 3, 4]
+    for ours, uninterrupted in zip(ours_metrics, uninterrupted_metrics, strict=True):
+        assert {k: v for k, v in ours.items() if k != "eps"} == {k: v for k, v in uninterrupted.items() if k != "eps"}
+    assert read_jsonl(tmp_path / "b" / "completions.jsonl") == read_jsonl(tmp_path / "a" / "completions.jsonl")
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "minirlhf.ppo", *args], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_cli_runs_and_writes_its_outputs(toy_run, tmp_path):
+    folder, flags = toy_run
+    config = tmp_path / "ppo.toml"
+    config.write_text(f'sft_model_path = "{folder / "sft"}"\nreward_model_path = "{folder / "reward"}"\n'
+                      f'output_dir = "{tmp_path / "out"}"\n')
+    kept = [f for f in flags if f not in ("--sft_model_path", "--reward_model_path", str(folder / "sft"),
+                                          str(folder / "reward"))]
+    result = run_cli([str(config), *kept, "--total_episodes", "8"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "out"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "config.toml", "value_model/config.json",
+                 "checkpoint-2/optimizer.pt", "checkpoint-2/value_model/model.safetensors"):
+        assert (out / name).is_file(), name
+    metrics = read_jsonl(out / "metrics.jsonl")
+    expected = {"eps", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                "objective/scores", "objective/gold_score", "policy/approxkl_avg", "policy/clipfrac_avg",
+                "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "policy/entropy_avg", "val/ratio",
+                "val/ratio_var", "val/num_eos_tokens", "lr", "episode", "epoch", "step"}
+    assert [m["step"] for m in metrics] == [1, 2] and set(metrics[0]) == expected
+    completions = read_jsonl(out / "completions.jsonl")
+    assert {"step", "query", "response", "score", "gold_score"} <= set(completions[0])
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt column"}\n')
+    result = run_cli([str(config), *kept, "--dataset_name", str(bad)])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {bad} [train]: row 0: missing column 'prompt' "
+                                                  "(columns: ['text'])"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two ranks vs one process
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    data = torch.load(Path(folder) / "rollouts.pt")
+    args = our_config(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    args.set_runtime_sizes(world_size, 8, rank)
+    model, optimizer, batch = ddp_setup(folder, data[rank], args)
+    stats = ppo.ppo_update(DDP(model), optimizer, batch, args, PAD, data[f"orders{rank}"])
+    metrics = ppo.update_metrics(batch, stats, EOS)
+    if rank == 0:
+        torch.save({"state": model.state_dict(), "metrics": metrics}, Path(folder) / "ddp.pt")
+    dist.destroy_process_group()
+
+
+def ddp_setup(folder: str, rollouts: dict, args: ppo.PPOConfig):
+    """Float64 models from the tiny folders and the post-processed rollouts (one rank's, or both concatenated)."""
+    load = dict(dtype=torch.float64)
+    policy = CausalLM.from_pretrained(str(Path(folder) / "policy"), **load)
+    value_model = RewardModel.from_pretrained(str(Path(folder) / "reward"), **load)
+    reward_model = RewardModel.from_pretrained(str(Path(folder) / "reward"), **load).eval()
+    model = ppo.PolicyAndValue(policy, value_model).train()
+    optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
+    halves = rollouts if isinstance(rollouts, list) else [rollouts]
+    batches = [ppo.compute_advantages(ppo.score_responses(
+        policy, value_model, reward_model, r["queries"], r["query_responses"], r["logprobs"], args, PAD, EOS, None),
+        args, EOS) for r in halves]  # post-processing is per rank, as in TRL
+    return model, optimizer, {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(tiny_models, tmp_path):
+    # Each rank holds 4 rollouts (per_device 2, GA 2) in 2 minibatches, one micro-batch each. One process with the
+    # 8 rollouts, GA 4 and minibatches made of one minibatch from each rank steps on the same mean gradient.
+    args = our_config(response_length=5)
+    policy = CausalLM.from_pretrained(str(tiny_models / "policy"), dtype=torch.float64)
+    data = {}
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        queries = torch.randint(3, 96, (4, 3))
+        queries[0, 0] = PAD
+        query_responses, logprobs = ppo.sample_responses(policy, queries, args, PAD, EOS, None)
+        data[rank] = {"queries": queries, "query_responses": query_responses, "logprobs": logprobs}
+        data[f"orders{rank}"] = [torch.randperm(4) for _ in range(args.num_ppo_epochs)]
+    for name in ("policy", "reward"):
+        os.symlink(tiny_models / name, tmp_path / name)
+    torch.save(data, tmp_path / "rollouts.pt")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.time() + 60
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the DDP workers did not finish within 60 s")
+    ddp = torch.load(tmp_path / "ddp.pt")
+
+    single = our_config(per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    model, optimizer, batch = ddp_setup(str(tmp_path), [data[0], data[1]], single)
+    orders = [torch.cat([data["orders0"][e][k : k + 2], 4 + data["orders1"][e][k : k + 2]])
+              for e in range(single.num_ppo_epochs) for k in (0, 2)]
+    orders = [torch.cat(orders[2 * e : 2 * e + 2]) for e in range(single.num_ppo_epochs)]
+    stats = ppo.ppo_update(model, optimizer, batch, single, PAD, orders)
+    theirs_metrics = ppo.update_metrics(batch, stats, EOS)
+
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(ddp["state"][name], tensor, rtol=1e-10, atol=1e-10, msg=name)
+    for key, value in theirs_metrics.items():
+        if key != "val/num_eos_tokens":  # TRL counts rank 0's responses only
+            assert ddp["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key  # fp32 rollout logprobs
