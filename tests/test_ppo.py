@@ -283,7 +283,7 @@ def toy_run(tmp_path_factory) -> tuple[Path, list[str]]:
     policy.save_pretrained(str(folder / "sft"))
     Tokenizer.from_pretrained(folder / "task" / "model").save_pretrained(folder / "sft")
     RewardModel.from_pretrained(str(folder / "sft")).save_pretrained(str(folder / "reward"))
-    prompts = (folder / "task" / "prompts_train.jsonl").read_text().splitlines()[:16]
+    prompts = (folder / "task" / "prompts" / "train.jsonl").read_text().splitlines()[:16]
     (folder / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
     flags = ["--sft_model_path", str(folder / "sft"), "--reward_model_path", str(folder / "reward"),
              "--dataset_name", str(folder / "prompts.jsonl"), "--per_device_train_batch_size", "4",

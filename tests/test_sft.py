@@ -47,7 +47,7 @@ def test_completion_loss_matches_trl(toy, tmp_path):
     import transformers
     from trl import SFTConfig, SFTTrainer
 
-    rows = [json.loads(line) for line in (toy / "sft_train.jsonl").read_text().splitlines()[:8]]
+    rows = [json.loads(line) for line in (toy / "sft" / "train.jsonl").read_text().splitlines()[:8]]
     theirs_model = transformers.AutoModelForCausalLM.from_pretrained(toy / "hf", attn_implementation="eager")
     trainer = SFTTrainer(model=theirs_model, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=transformers.AutoTokenizer.from_pretrained(toy / "hf"),
@@ -82,7 +82,7 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_cli_trains_and_saves(toy, tmp_path):
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join((toy / "sft_train.jsonl").read_text().splitlines(keepends=True)[:16]))
+    data.write_text("".join((toy / "sft" / "train.jsonl").read_text().splitlines(keepends=True)[:16]))
     config = tmp_path / "sft.toml"
     config.write_text(f'model_name_or_path = "{toy / "model"}"\ndataset_name = "{data}"\n'
                       f'output_dir = "{tmp_path / "out"}"\nper_device_train_batch_size = 4\n'
@@ -99,7 +99,7 @@ def test_cli_trains_and_saves(toy, tmp_path):
         assert (out / name).is_file(), name
     CausalLM.from_pretrained(str(out))
 
-    result = run_cli([str(config), "--dataset_name", str(toy / "prompts_train.jsonl")])
+    result = run_cli([str(config), "--dataset_name", str(toy / "prompts" / "train.jsonl")])
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {toy / 'prompts_train.jsonl'} [train]: row 0: missing "
+    assert result.stderr.strip().splitlines() == [f"error: {toy / 'prompts' / 'train.jsonl'} [train]: row 0: missing "
                                                   "column 'completion' (columns: ['prompt'])"]
