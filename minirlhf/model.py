@@ -111,7 +111,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
     x1, x2 = rot.chunk(2, dim=-1)
     rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin  # "rotate_half" layout, as in HF checkpoints
-    return torch.cat((rotated, rest), dim=-1)
+    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated  # full rotary needs no copy
 
 
 class KVCache:
