@@ -18,8 +18,9 @@ and response as strings, and TRL appends the EOS text itself):
 - `prompts/train.jsonl`, `prompts/test.jsonl`: {"prompt"}, for PPO rollouts
 - `model/`: a tiny Llama config.json and a word-level tokenizer, no weights (minirlhf initialises them randomly)
 
-Measured: the reward model of `model/` (random init, AdamW lr 1e-3, batch 32, linear decay, 3 epochs over
-`preference/train.jsonl`) reaches about 0.95 accuracy on `preference/test.jsonl`.
+Measured with transformers' LlamaForSequenceClassification from `model/` (random init, AdamW lr 1e-3, batch 32,
+linear decay, no warmup): test accuracy 0.995-1.0 after 3 epochs (3 seeds), 0.75-0.86 after 1 epoch; lr 3e-3 is
+unstable. A hidden size of 64 instead of 128 reached only 0.75-0.95, depending on the seed.
 
 Usage: `python -m minirlhf.toytask configs/toytask` rewrites the folder, byte for byte the same on every run.
 """
