@@ -1,0 +1,42 @@
+"""Plot metrics from a run's metrics.jsonl against its step (needs matplotlib, an optional extra).
+
+Usage: `python -m minirlhf.plot runs/ppo/metrics.jsonl objective/scores objective/gold_score --out ppo.png`
+Each key gets its own panel; records without the key (e.g. eval records for a train key) are skipped.
+"""
+
+import argparse
+import json
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("metrics", help="a metrics.jsonl written by minirlhf.reward, .sft or .ppo")
+    parser.add_argument("keys", nargs="+", help="metric names, e.g. eval_accuracy or objective/gold_score")
+    parser.add_argument("--out", default="metrics.png", help="image file to write")
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install 'minirlhf[plot]'") from None
+
+    with open(args.metrics) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    fig, axes = plt.subplots(1, len(args.keys), figsize=(4 * len(args.keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], args.keys, strict=True):
+        points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+        if not points:
+            raise SystemExit(f"error: {args.metrics}: no record has the key {key!r}")
+        ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
