@@ -23,16 +23,6 @@ GREEDY_TOL = dict(rtol=1e-5, atol=1e-4)
 MAX_NEW_TOKENS = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads stall at every op's
-    barrier (this file: 93 s with two threads, 7 s with one, at load 7)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def left_padded_queries(pad_id: int, lengths=(7, 4, 1), seed: int = 0) -> torch.Tensor:
     """(3, 7) random prompt ids (never 0 or pad_id), left-padded with pad_id to the longest row."""
     g = torch.Generator().manual_seed(seed)

@@ -52,15 +52,6 @@ def our_config(**overrides) -> ppo.PPOConfig:
     return args
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared machine is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
     """A random 2-layer Llama policy and seq-cls reward model (transformers), and a word-level tokenizer with an added

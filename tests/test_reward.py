@@ -109,7 +109,7 @@ def test_resume_is_bitwise_equal(tmp_path, data_dir):
     first_half = read_metrics(tmp_path / "run")[:10]
     subprocess.run([sys.executable, "-m", "minirlhf.reward", *common, f"--output_dir={tmp_path / 'resumed'}",
                     "--save_steps=10", f"--resume_from_checkpoint={checkpoint}"], check=True,
-                   env={**os.environ, "PYTHONPATH": os.getcwd()})
+                   env={**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"})  # as conftest: bitwise
     full = read_metrics(tmp_path / "full")
     resumed = first_half + read_metrics(tmp_path / "resumed")
     for ours, theirs in zip(resumed[:-1], full[:-1], strict=True):

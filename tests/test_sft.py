@@ -19,15 +19,6 @@ from minirlhf.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared machine is not oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
     """The toy task's files, plus its Llama built at random by transformers and saved with the tokenizer in hf/."""
