@@ -44,6 +44,7 @@ def init_distributed() -> Dist:
 
 def cleanup_distributed() -> None:
     if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be saving; tearing gloo down under it aborts the other ranks
         dist.destroy_process_group()
 
 
