@@ -44,8 +44,11 @@ def init_distributed() -> Dist:
 
 def cleanup_distributed() -> None:
     if dist.is_initialized():
-        dist.barrier()  # rank 0 may still be saving; tearing gloo down under it aborts the other ranks
-        dist.destroy_process_group()
+        dist.barrier()  # rank 0 may still be saving
+        # Destroying a gloo group on torch 2.13 CPU aborts a rank now and then ("terminate called without an active
+        # exception", ~1 run in 8 here); process exit releases it just as well.
+        if dist.get_backend() != "gloo":
+            dist.destroy_process_group()
 
 
 def print0(*args, **kwargs) -> None:
@@ -89,6 +92,15 @@ def all_reduce(t: torch.Tensor, op: str = "mean") -> torch.Tensor:
     ops = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
     dist.all_reduce(t, op=ops[op])
     return t / dist.get_world_size() if op == "mean" else t
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """A tensor from every rank, concatenated along dim 0 (accelerate's gather_for_metrics); identity in one process."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 class MetricsLogger:

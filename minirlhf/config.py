@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -191,6 +192,11 @@ class TrainingConfig:
         require(not (self.bf16 and self.fp16), "bf16", "bf16 and fp16 cannot both be true")
         require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
                 f"must be >= 1 or none, got {self.save_total_limit!r}")
+
+
+def steps_from(value: float, total_steps: int) -> int:
+    """logging/eval/save steps: a count, or a fraction of the total (transformers rounds the fraction up)."""
+    return math.ceil(total_steps * value) if value < 1 else int(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

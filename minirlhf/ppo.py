@@ -36,7 +36,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -47,12 +46,13 @@ from minirlhf.common import (
     all_reduce,
     autocast,
     cleanup_distributed,
+    gather,
     init_distributed,
     print0,
     resolve_precision,
     seed_everything,
 )
-from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config
+from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config, steps_from
 from minirlhf.data import collate_prompts, load_rows, prepare_prompt_dataset, shuffled_order
 from minirlhf.generate import generate
 from minirlhf.losses import (
@@ -404,15 +404,6 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
 # Metrics, sample completions, data order
 
 
-def gather(t: torch.Tensor) -> torch.Tensor:
-    """A tensor from every rank, concatenated along dim 0 (accelerate's gather_for_metrics); identity in one process."""
-    if not dist.is_initialized():
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 @torch.no_grad()
 def update_metrics(batch: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], eos_token_id: int | None,
                    gold_scores: torch.Tensor | None = None) -> dict[str, float]:
@@ -582,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     # LR schedule stepped once per update; warmup counts updates (TRL: num_training_steps = num_total_batches)
     warmup = warmup_steps_from(args.warmup_steps, args.num_total_batches)
     lr_kwargs = schedule_kwargs(args.lr_scheduler_type, args.lr_scheduler_kwargs)
-    save_steps = math.ceil(args.num_total_batches * args.save_steps) if args.save_steps < 1 else args.save_steps
+    save_steps = steps_from(args.save_steps, args.num_total_batches)
     if ddp.is_main:
         save_config(args, Path(args.output_dir) / "config.toml")
     logger = MetricsLogger(args.output_dir, args.report_to, ddp.is_main, args.num_total_batches, args.disable_tqdm)

@@ -33,7 +33,7 @@ from minirlhf.common import (
     resolve_precision,
     seed_everything,
 )
-from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config
+from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config, steps_from
 from minirlhf.data import collate_preference, load_rows, prepare_preference_dataset, shuffled_order
 from minirlhf.losses import reward_loss, reward_metrics
 from minirlhf.model import RewardModel, disable_dropout
@@ -111,11 +111,6 @@ def load(cfg: RewardConfig, device: torch.device):
     train_set = dataset(cfg.dataset_train_split)
     eval_set = dataset(cfg.dataset_test_split) if cfg.eval_strategy != "no" else []
     return model, tokenizer, train_set, eval_set
-
-
-def steps_from(value: float, total_steps: int) -> int:
-    """logging/eval/save steps: a count, or a fraction of the total (transformers rounds the fraction up)."""
-    return math.ceil(total_steps * value) if value < 1 else int(value)
 
 
 @torch.no_grad()

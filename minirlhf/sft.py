@@ -33,7 +33,7 @@ from minirlhf.common import (
     resolve_precision,
     seed_everything,
 )
-from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config
+from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config, steps_from
 from minirlhf.data import collate_sft, load_rows, prepare_sft_dataset, shuffled_order
 from minirlhf.model import CausalLM
 from minirlhf.optim import AdamW, lr_multiplier, param_groups, schedule_kwargs, set_lr, warmup_steps_from
@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup = warmup_steps_from(args.warmup_steps, max_steps)
     lr_kwargs = schedule_kwargs(args.lr_scheduler_type, args.lr_scheduler_kwargs)
-    logging_steps, save_steps = (math.ceil(max_steps * n) if n < 1 else n
-                                 for n in (args.logging_steps, args.save_steps))
+    logging_steps, save_steps = steps_from(args.logging_steps, max_steps), steps_from(args.save_steps, max_steps)
     if ddp.is_main:
         save_config(args, Path(args.output_dir) / "config.toml")
         print(f"[minirlhf] {len(examples)} examples ({n_dropped} dropped: no completion token left), {max_steps} steps")

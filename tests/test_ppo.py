@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minirlhf import ppo
+from minirlhf.common import cleanup_distributed
 from minirlhf.hf import to_hf_tensors
 from minirlhf.losses import INVALID_LOGPROB
 from minirlhf.model import CausalLM, RewardModel
@@ -372,7 +373,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, folder: str) -> None:
     metrics = ppo.update_metrics(batch, stats, EOS)
     if rank == 0:
         torch.save({"state": model.state_dict(), "metrics": metrics}, Path(folder) / "ddp.pt")
-    dist.destroy_process_group()
+    cleanup_distributed()
 
 
 def ddp_setup(folder: str, rollouts: dict, args: ppo.PPOConfig):
