@@ -1,18 +1,22 @@
-"""PPO benchmark: minirlhf.ppo vs TRL 1.12's PPOTrainer on CPU, fp32, the same ~12M-parameter Llama models.
+"""PPO benchmark: minirlhf.ppo vs TRL 1.12's PPOTrainer on CPU, the same ~12M-parameter Llama models.
 
 Both sides load the same random policy and reward/value model (saved once by transformers, no downloads) and run
 the same PPO updates: batch 8 prompts of 16-24 tokens, 24 sampled tokens each (no stop token, so both sample exactly
 8 * 24 tokens per update), 4 PPO epochs of one minibatch, no gradient clipping or checkpointing (TRL applies
-neither). Each side runs in a fresh subprocess, so that peak RSS (ru_maxrss: imports, four models, optimizer state
-and the largest temporaries) is its own; the sides alternate over the repeats, so a busy neighbour on a shared
-machine slows both alike. Reported per side (median over repeats): episodes/s over the updates after the first
-(warmup), generation tokens/s (sampling time only; TRL's `batch_generation` is timed through a wrapper), and peak
-RSS. Ratios are ours / TRL's (> 1: ours is faster or, for memory, larger).
+neither). minirlhf runs twice, with bf16=false (fp32) and with bf16=true (CPU bf16 autocast); TRL runs with
+bf16=true (and use_cpu=true, which TRL needs for bf16 on CPU), which its PPOTrainer does not apply (spec §5.12): the
+child prints TRL's accelerator.mixed_precision, "no", so its row is fp32 compute whatever bf16 says.
+
+Each run is a fresh subprocess, so that peak RSS (ru_maxrss: imports, four models, optimizer state and the largest
+temporaries) is its own; the sides alternate over the repeats, so a busy neighbour on a shared machine slows all
+alike. Reported per side (median over repeats): episodes/s over the updates after the first (warmup), generation
+tokens/s (sampling time only; TRL's `batch_generation` is timed through a wrapper), and peak RSS. Ratios are ours /
+TRL's (> 1: ours is faster or, for memory, larger).
 
 Usage:
-    python benchmarks/bench_ppo.py --threads 1     # 6 updates per run, 2 repeats: ~2.5 minutes on 2 shared cores
-    python benchmarks/bench_ppo.py                 # torch's default threads; on a busy machine OpenMP threads
-                                                   # oversubscribe the cores (measured: > 15 minutes, load 7)
+    python benchmarks/bench_ppo.py --threads 1 --repeats 3   # ~2 minutes on 2 idle cores
+    python benchmarks/bench_ppo.py                           # torch's default threads; on a busy machine OpenMP
+                                                             # threads oversubscribe the cores (measured: > 15 min)
 """
 
 import argparse
@@ -58,7 +62,7 @@ def build(folder: Path) -> None:
     (folder / "prompts.json").write_text(json.dumps(prompts))
 
 
-def run_ours(folder: Path) -> tuple[list[float], float, int]:
+def run_ours(folder: Path, precision: torch.dtype | None) -> tuple[list[float], float, int]:
     """Update wall times, sampling seconds and sampled tokens of minirlhf's loop (ppo.main's steps 1-2)."""
     from minirlhf import ppo
     from minirlhf.model import CausalLM, RewardModel
@@ -80,19 +84,20 @@ def run_ours(folder: Path) -> tuple[list[float], float, int]:
     for update in range(1, args.num_total_batches + 1):
         start = time.perf_counter()
         queries = next(batches)
-        query_responses, logprobs = ppo.sample_responses(policy, queries, args, pad, None, None)
+        query_responses, logprobs = ppo.sample_responses(policy, queries, args, pad, None, precision)
         sampling += time.perf_counter() - start if update > 1 else 0.0
         tokens += query_responses[:, queries.shape[1]:].numel() if update > 1 else 0
         rollouts = ppo.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs,
-                                       args, pad, None, None)
+                                       args, pad, None, precision)
         batch = ppo.compute_advantages(rollouts, args, EOS)
-        ppo.ppo_update(model, optimizer, batch, args, pad, ppo.minibatch_orders(args, update))
+        ppo.ppo_update(model, optimizer, batch, args, pad, ppo.minibatch_orders(args, update), precision)
         times.append(time.perf_counter() - start)
     return times[1:], sampling, tokens
 
 
-def run_trl(folder: Path, output_dir: str) -> tuple[list[float], float, int]:
-    """The same for TRL: update boundaries and sampling time from a wrapper around its batch_generation."""
+def run_trl(folder: Path, output_dir: str) -> tuple[list[float], float, int, str]:
+    """The same for TRL, and its accelerator's mixed precision: update boundaries and sampling time from a wrapper
+    around its batch_generation."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import datasets
     import transformers
@@ -111,8 +116,8 @@ def run_trl(folder: Path, output_dir: str) -> tuple[list[float], float, int]:
     ppo_trainer.batch_generation = timed_batch_generation
     args = PPOConfig(output_dir=output_dir, per_device_train_batch_size=BATCH, local_rollout_forward_batch_size=BATCH,
                      response_length=RESPONSE_LENGTH, num_ppo_epochs=PPO_EPOCHS, total_episodes=len(prompts),
-                     learning_rate=1e-5, num_sample_generations=0, bf16=False, report_to="none", save_strategy="no",
-                     disable_tqdm=True)
+                     learning_rate=1e-5, num_sample_generations=0, bf16=True, use_cpu=True, report_to="none",
+                     save_strategy="no", disable_tqdm=True)
     dataset = datasets.Dataset.from_dict({"input_ids": prompts})
     trainer = PPOTrainer(
         args=args, processing_class=transformers.AutoTokenizer.from_pretrained(folder / "policy"),
@@ -123,15 +128,20 @@ def run_trl(folder: Path, output_dir: str) -> tuple[list[float], float, int]:
     trainer.train()
     ends = [start for start, _, _ in calls[1:]] + [time.perf_counter()]
     times = [end - start for (start, _, _), end in zip(calls, ends, strict=True)]
-    return times[1:], sum(end - start for start, end, _ in calls[1:]), sum(n for _, _, n in calls[1:])
+    sampling = sum(end - start for start, end, _ in calls[1:])
+    return times[1:], sampling, sum(n for _, _, n in calls[1:]), trainer.accelerator.mixed_precision
 
 
 def child(side: str, folder: Path) -> None:
     with tempfile.TemporaryDirectory() as output_dir:
-        times, sampling, tokens = run_ours(folder) if side == "ours" else run_trl(folder, output_dir)
+        if side == "trl":
+            times, sampling, tokens, autocast = run_trl(folder, output_dir)
+        else:
+            precision = torch.bfloat16 if side == "ours-bf16" else None
+            (times, sampling, tokens), autocast = run_ours(folder, precision), "bf16" if precision else "no"
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"episodes_s": BATCH * len(times) / sum(times), "gen_tok_s": tokens / sampling,
-                      "update_s": statistics.median(times), "peak_rss_mib": peak_mib}))
+                      "update_s": statistics.median(times), "peak_rss_mib": peak_mib, "autocast": autocast}))
 
 
 def main() -> None:
@@ -148,7 +158,8 @@ def main() -> None:
     print(f"$ python {shlex.join(sys.argv)}")
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC | torch {torch.__version__} | {args.threads} threads | "
           f"batch {BATCH}, response_length {RESPONSE_LENGTH}, {PPO_EPOCHS} PPO epochs, {UPDATES} updates (1 warmup)")
-    results = {"ours": [], "trl": []}
+    sides = {"ours-fp32": "minirlhf, bf16=false", "ours-bf16": "minirlhf, bf16=true", "trl": "TRL 1.12, bf16=true"}
+    results = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp))
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -160,17 +171,19 @@ def main() -> None:
     params = sum(v for v in (MODEL["vocab_size"] * MODEL["hidden_size"] * 2,
                              MODEL["num_hidden_layers"] * (4 * MODEL["hidden_size"] ** 2
                                                            + 3 * MODEL["hidden_size"] * MODEL["intermediate_size"])))
-    print(f"policy ~{params / 1e6:.1f}M parameters (Llama, vocab {MODEL['vocab_size']}), fp32, CPU; median of "
-          f"{args.repeats} runs per side\n")
+    print(f"policy ~{params / 1e6:.1f}M parameters (Llama, vocab {MODEL['vocab_size']}), fp32 weights, CPU; median of "
+          f"{args.repeats} runs per side; 'autocast' is what each run applied\n")
     keys = [("episodes_s", "episodes/s", "{:.2f}"), ("gen_tok_s", "generation tok/s", "{:,.0f}"),
             ("update_s", "s/update", "{:.2f}"), ("peak_rss_mib", "peak RSS MiB", "{:,.0f}")]
     medians = {side: {k: statistics.median(r[k] for r in runs) for k, _, _ in keys} for side, runs in results.items()}
-    print("| | " + " | ".join(name for _, name, _ in keys) + " |")
-    print("|---|" + "---:|" * len(keys))
-    for side, label in (("ours", "minirlhf"), ("trl", "TRL 1.12 PPOTrainer")):
-        print(f"| {label} | " + " | ".join(fmt.format(medians[side][k]) for k, _, fmt in keys) + " |")
-    print("| ours / TRL | " + " | ".join(f"{medians['ours'][k] / medians['trl'][k]:.2f}x" for k, _, _ in keys) + " |")
-
+    print("| | autocast | " + " | ".join(name for _, name, _ in keys) + " |")
+    print("|---|---|" + "---:|" * len(keys))
+    for side, label in sides.items():
+        autocast = "/".join(sorted({r["autocast"] for r in results[side]}))
+        print(f"| {label} | {autocast} | " + " | ".join(fmt.format(medians[side][k]) for k, _, fmt in keys) + " |")
+    for side in ("ours-fp32", "ours-bf16"):
+        ratios = " | ".join(f"{medians[side][k] / medians['trl'][k]:.2f}x" for k, _, _ in keys)
+        print(f"| {sides[side].removeprefix('minirlhf, ')} / TRL | | {ratios} |")
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,6 @@ Usage:
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from minirlhf.model import CausalLM, KVCache
 
@@ -52,14 +51,6 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
         remove = sorted_remove.scatter(-1, sorted_indices, sorted_remove)
         logits = logits.masked_fill(remove, float("-inf"))
     return logits
-
-
-def next_token_logits(model: CausalLM, input_ids, attention_mask, position_ids, cache: KVCache) -> torch.Tensor:
-    """(B, vocab) logits at the last position only: projecting every prompt position onto the vocabulary would
-    cost a (B, ctx, vocab) matmul, ~40% of the prefill of a 50M model with a 32k vocabulary."""
-    hidden = model.transformer(input_ids, attention_mask, position_ids, cache)[:, -1]  # (B, hidden)
-    weight = model.transformer.embed.weight if model.lm_head is None else model.lm_head.weight  # tied or not
-    return F.linear(hidden, weight)
 
 
 @torch.no_grad()
@@ -102,7 +93,9 @@ def generate(
     next_position = query_mask.sum(-1, keepdim=True)  # (B, 1): each row continues after its own last prompt token
     cache = KVCache(model.cfg, B, context_length + max_new_tokens, device, next(model.parameters()).dtype)
 
-    logits = next_token_logits(model, input_ids, attention_mask[:, :context_length], position_ids, cache)
+    # Logits at the last prompt position only: projecting every prompt position onto the vocabulary would cost a
+    # (B, ctx, vocab) matmul, ~40% of the prefill of a 50M model with a 32k vocabulary.
+    logits = model(input_ids, attention_mask[:, :context_length], position_ids, cache, logits_to_keep=1)[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     responses, logprobs, processed = [], [], []
     for step in range(max_new_tokens):
@@ -122,8 +115,8 @@ def generate(
             break
         # Finished rows are fed their sampled token rather than the pad id (which may be outside the embedding);
         # whatever they compute is replaced by padding.
-        logits = next_token_logits(model, next_token[:, None], attention_mask[:, : context_length + step + 1],
-                                   next_position + step, cache)
+        logits = model(next_token[:, None], attention_mask[:, : context_length + step + 1], next_position + step,
+                       cache)[:, -1]
 
     return GenerationOutput(
         query_responses=torch.cat([queries, torch.stack(responses, dim=1)], dim=1),

@@ -15,6 +15,7 @@ References: Vaswani et al. 2017 (attention); Radford et al. 2019 (GPT-2); Su et 
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -153,14 +154,18 @@ class Attention(nn.Module):
             cache.k[self.layer_idx][:, :, start : start + T] = k
             cache.v[self.layer_idx][:, :, start : start + T] = v
             k, v = cache.k[self.layer_idx][:, :, : start + T], cache.v[self.layer_idx][:, :, : start + T]
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None and cache is None,
-            dropout_p=self.attn_dropout.p if self.training else 0.0,
-            scale=self.scale,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, heads, T, head_dim)
+        # CPU autocast: torch's CPU flash attention is ~6x slower in bf16 than in fp32 (backward) and reads a
+        # cache kept in the weights' dtype, so attention runs in fp32 there; the projections stay in bf16.
+        cpu_autocast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=False) if cpu_autocast else nullcontext():
+            y = F.scaled_dot_product_attention(
+                *((t.float() for t in (q, k, v)) if cpu_autocast else (q, k, v)),
+                attn_mask=mask,
+                is_causal=mask is None and cache is None,
+                dropout_p=self.attn_dropout.p if self.training else 0.0,
+                scale=self.scale,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )  # (B, heads, T, head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -301,8 +306,11 @@ class CausalLM(nn.Module):
         self.transformer = Transformer(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        h = self.transformer(input_ids, attention_mask, position_ids, cache)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                logits_to_keep: int = 0):
+        """Logits of the last `logits_to_keep` positions (all when 0), as transformers' argument of that name: the
+        vocabulary projection is the largest matmul of a small model, and PPO needs it on the response only."""
+        h = self.transformer(input_ids, attention_mask, position_ids, cache)[:, -logits_to_keep:]
         weight = self.transformer.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight)
 

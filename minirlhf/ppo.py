@@ -216,15 +216,16 @@ def get_reward(model: RewardModel, query_responses: torch.Tensor, pad_token_id: 
 
 class PolicyAndValue(nn.Module):
     """The policy and the value model as one module, so one optimizer and one DDP wrapper cover both (TRL's
-    PolicyAndValueWrapper): (B, T) inputs -> logits (B, T, vocab) and values (B, T) at every position."""
+    PolicyAndValueWrapper): (B, T) inputs -> logits (B, logits_to_keep, vocab) of the last positions (all when 0)
+    and values (B, T) at every position."""
 
     def __init__(self, policy: CausalLM, value_model: RewardModel):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
-    def forward(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
         values = self.value_model.token_scores(input_ids, attention_mask, position_ids).squeeze(-1)
-        return self.policy(input_ids, attention_mask, position_ids), values
+        return self.policy(input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep), values
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -266,7 +267,9 @@ def score_responses(ref_policy: CausalLM, value_model: RewardModel, reward_model
         query_response = query_responses[i : i + args.local_rollout_forward_batch_size]
         response = query_response[:, context_length:]  # (b, T)
         with autocast(device, precision):
-            ref_logits = ref_policy(*model_inputs(query_response, pad_token_id))[:, context_length - 1 : -1]
+            # logits from the last query token to the one before the last response token: (b, T, vocab)
+            ref_logits = ref_policy(*model_inputs(query_response, pad_token_id),
+                                    logits_to_keep=response.shape[1] + 1)[:, :-1]
         ref_logits = ref_logits.float() / (args.temperature + 1e-7)  # (b, T, vocab): one chunk at a time
         out["ref_logprobs"].append(logprobs_from_logits(ref_logits, gather_index(response, pad_token_id)))
         del ref_logits
@@ -373,8 +376,10 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                 last = gradient_accumulation_idx == len(micro_starts) - 1
                 with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
                     with autocast(device, precision):
-                        output, vpred_temp = model(*model_inputs(mb_query_responses, pad_token_id))
-                    logits = output[:, context_length - 1 : -1].float() / (args.temperature + 1e-7)  # (b, T, V)
+                        # logits only where a response token is predicted (TRL projects every position)
+                        output, vpred_temp = model(*model_inputs(mb_query_responses, pad_token_id),
+                                                   logits_to_keep=responses.shape[1] + 1)
+                    logits = output[:, :-1].float() / (args.temperature + 1e-7)  # (b, T, V)
                     new_logprobs = logprobs_from_logits(logits, gather_index(mb_responses, pad_token_id))
                     new_logprobs = new_logprobs.masked_fill(mb_padding_mask, INVALID_LOGPROB)
                     vpred = vpred_temp[:, context_length - 1 : -1].float().masked_fill(mb_padding_mask_p1, 0)

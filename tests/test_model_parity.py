@@ -138,3 +138,46 @@ def test_dropout_rates_read_and_disabled(tmp_path):
     assert not torch.equal(ours_model(ids), ours_model(ids))  # dropout active in train mode
     disable_dropout(ours_model)
     torch.testing.assert_close(ours_model(ids), ours_model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_logits_to_keep(family, tmp_path):
+    """logits_to_keep=k gives the logits of the last k positions, as transformers' argument of that name."""
+    theirs_model = hf_model(family)
+    ours_model = load_ours(CausalLM, theirs_model, tmp_path)
+    ids, mask = batch("left", pad_id=0)  # left padding: the last positions are real tokens in every row
+    pos = position_ids_for(mask)
+    ours_logits = ours_model(ids, mask, pos, logits_to_keep=4)
+    assert ours_logits.shape == (3, 4, VOCAB)
+    theirs_logits = theirs_model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=4).logits
+    torch.testing.assert_close(ours_logits, theirs_logits, **TOL)
+    torch.testing.assert_close(ours_logits, ours_model(ids, mask, pos)[:, -4:], rtol=0, atol=0)
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours.float() - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen3"])
+def test_cpu_bf16_autocast_tracks_fp32(family, tmp_path):
+    """Under CPU bf16 autocast (projections in bf16, attention in fp32) logits and every gradient stay within bf16
+    rounding of transformers in fp32. bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation),
+    so a few layers of it give ~1% relative error: the bound is 3%; a wrong mask or rotary would be off by ~100%."""
+    theirs_model = hf_model(family)
+    ours_model = load_ours(CausalLM, theirs_model, tmp_path)
+    ids, mask = batch("left", pad_id=0)
+    pos = position_ids_for(mask)
+    real = mask.bool()
+    theirs_logits = theirs_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours_logits = ours_model(ids, mask, pos)
+    assert ours_logits.dtype == torch.bfloat16
+    assert relative_error(ours_logits[real], theirs_logits[real]) < 0.03
+
+    weights = torch.randn(theirs_logits.shape) * real[..., None]
+    (theirs_logits * weights).sum().backward()
+    (ours_logits.float() * weights).sum().backward()
+    ours_grads = to_hf_tensors(ours_model.cfg, {n: p.grad for n, p in ours_model.named_parameters()})
+    for name, theirs_param in theirs_model.named_parameters():
+        assert ours_grads[name].dtype == torch.float32  # fp32 master weights get fp32 gradients
+        assert relative_error(ours_grads[name], theirs_param.grad) < 0.03, name

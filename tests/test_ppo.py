@@ -259,6 +259,45 @@ def test_sampling_is_reproducible_and_logprobs_match_a_forward(tiny_models):
     assert torch.all(batch["logprobs"][~valid] == INVALID_LOGPROB)
 
 
+def test_bf16_autocast_tracks_fp32(tiny_models):
+    """bf16=true (CPU autocast; TRL's PPO ignores the flag) through rollouts and one update: within bf16 rounding of
+    fp32. bf16 keeps 8 significant bits (0.2% relative rounding per operation), so a 2-layer model stays within ~1%;
+    the bounds are a few times that. One SGD step on the whole batch, so that the weight change is the gradient
+    itself: Adam's first step is lr * sign(gradient), which flips for gradients near zero, and after a first step the
+    ratio clipping, a discontinuity, can fall differently in bf16."""
+    args = our_config(num_ppo_epochs=1, num_mini_batches=1)
+    queries = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10], [PAD, 11, 12, 13], [PAD, PAD, PAD, 14]])
+    policy = CausalLM.from_pretrained(str(tiny_models / "policy"))
+    reward_model = RewardModel.from_pretrained(str(tiny_models / "reward"))
+    torch.manual_seed(0)
+    query_responses, logprobs = ppo.sample_responses(policy, queries, args, PAD, EOS, torch.bfloat16)
+    rollouts = {precision: ppo.score_responses(policy, reward_model, reward_model, queries, query_responses, logprobs,
+                                               args, PAD, EOS, precision) for precision in (None, torch.bfloat16)}
+    fp32, bf16 = rollouts[None], rollouts[torch.bfloat16]
+    valid = ~ppo.compute_advantages(fp32, args, EOS)["padding_mask"]
+    # behaviour logprobs sampled under autocast agree with a forward in bf16 and in fp32
+    for reference in (bf16["ref_logprobs"], fp32["ref_logprobs"]):
+        assert (logprobs - reference)[valid].abs().max() < 0.03
+    for key in ("values", "scores"):
+        assert (bf16[key] - fp32[key]).abs().max() < 0.03 * fp32[key].abs().max(), key
+
+    batch = ppo.compute_advantages(fp32, args, EOS)  # the same rollouts for both updates
+    deltas, stats = {}, {}
+    for precision in (None, torch.bfloat16):
+        model = ppo.PolicyAndValue(CausalLM.from_pretrained(str(tiny_models / "policy")),
+                                   RewardModel.from_pretrained(str(tiny_models / "reward")))
+        start = {name: p.detach().clone() for name, p in model.named_parameters()}
+        orders = [torch.arange(args.local_batch_size)] * args.num_ppo_epochs
+        stats[precision] = ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, args, PAD,
+                                          orders, precision)
+        deltas[precision] = {name: p.detach() - start[name] for name, p in model.named_parameters()}
+    for name, delta in deltas[None].items():
+        error = (deltas[torch.bfloat16][name] - delta).norm() / delta.norm()
+        assert error < 0.03, (name, error.item())
+    for key in ("pg_loss", "vf_loss", "approxkl"):
+        torch.testing.assert_close(stats[torch.bfloat16][key], stats[None][key], rtol=0.03, atol=1e-4, msg=key)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line, resume
 
