@@ -5,7 +5,9 @@
   TRL's NumPy minibatch permutations fed to our update: rewards, advantages, returns, every logged metric and the
   updated policy and value weights agree to 1e-5 (fp32). TRL's data order is checked against ours too.
 - Sampling with a seed repeats exactly, and the behaviour logprobs equal a recomputed forward (1e-5).
-- A run interrupted after its checkpoint and resumed ends bitwise equal to an uninterrupted one.
+- bf16 autocast (bf16=true) stays within bf16 rounding of fp32 through rollouts and an update's gradient.
+- A run interrupted after its checkpoint and resumed ends bitwise equal to an uninterrupted one, in one process and
+  under `torchrun --nproc_per_node=2`.
 - Two gloo ranks (DDP) equal one process on the same rollouts (fp64, 1e-10).
 - The command line: `python -m minirlhf.ppo cfg.toml` runs, and bad data fails with a one-line error.
 
@@ -14,6 +16,7 @@ transformers and trl are imported inside the tests that use them, so the DDP wor
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -395,6 +398,38 @@ def test_cli_runs_and_writes_its_outputs(toy_run, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {bad} [train]: row 0: missing column 'prompt' "
                                                   "(columns: ['text'])"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_run_and_resume_bitwise(toy_run, tmp_path):
+    """`torchrun --nproc_per_node=2 -m minirlhf.ppo`: 3 updates of 2 x 4 rollouts; a second run that starts from the
+    first one's checkpoint-1 alone (as if killed during update 2) ends with the same weights and metrics, bit for
+    bit: every rank restores its own sampling RNG and prompt position."""
+    folder, flags = toy_run
+    common = [*flags, "--total_episodes", "24", "--save_steps", "1", "--num_sample_generations", "0"]
+
+    def torchrun(output_dir: Path, *extra: str) -> None:
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "minirlhf.ppo", *common, "--output_dir", str(output_dir), *extra],
+                                capture_output=True, text=True, timeout=300, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-1", tmp_path / "b" / "checkpoint-1")
+    torchrun(tmp_path / "b", "--resume_from_checkpoint", "true")
+
+    for sub in ("", "value_model"):
+        ours = load_file(tmp_path / "b" / sub / "model.safetensors")
+        uninterrupted = load_file(tmp_path / "a" / sub / "model.safetensors")
+        assert all(torch.equal(ours[k], uninterrupted[k]) for k in uninterrupted), sub
+    uninterrupted_metrics = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert [m["step"] for m in uninterrupted_metrics] == [1, 2, 3]
+    assert uninterrupted_metrics[0]["episode"] == 8  # batch_size = 4 per rank x 2 ranks
+    resumed_metrics = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    for ours, uninterrupted in zip(resumed_metrics, uninterrupted_metrics[1:], strict=True):
+        assert {k: v for k, v in ours.items() if k != "eps"} == {k: v for k, v in uninterrupted.items() if k != "eps"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
