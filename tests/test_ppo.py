@@ -400,6 +400,35 @@ def test_cli_runs_and_writes_its_outputs(toy_run, tmp_path):
                                                   "(columns: ['text'])"]
 
 
+def test_max_grad_norm_clips_the_joint_gradient(tiny_models):
+    """max_grad_norm (which TRL's PPO ignores) clips the gradient of policy and value together, as
+    torch.nn.utils.clip_grad_norm_ over both: with SGD, one step of a clipped run moves the weights by
+    lr * max_grad_norm / ||g|| times the unclipped run's step."""
+    policy = CausalLM.from_pretrained(str(tiny_models / "policy"))
+    reward_model = RewardModel.from_pretrained(str(tiny_models / "reward"))
+    queries = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10], [PAD, 11, 12, 13], [PAD, PAD, PAD, 14]])
+    torch.manual_seed(0)
+    args = our_config(num_ppo_epochs=1, num_mini_batches=1)
+    query_responses, logprobs = ppo.sample_responses(policy, queries, args, PAD, EOS, None)
+    batch = ppo.compute_advantages(ppo.score_responses(policy, reward_model, reward_model, queries, query_responses,
+                                                       logprobs, args, PAD, EOS, None), args, EOS)
+    deltas = {}
+    for max_grad_norm in (0.0, 1e-3):
+        # float64 weights, so that p_new - p_old carries no rounding of the weights (1e-7 of a norm weight of 1)
+        model = ppo.PolicyAndValue(CausalLM.from_pretrained(str(tiny_models / "policy"), dtype=torch.float64),
+                                   RewardModel.from_pretrained(str(tiny_models / "reward"), dtype=torch.float64))
+        start = [p.detach().clone() for p in model.parameters()]
+        ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), batch,
+                       our_config(num_ppo_epochs=1, num_mini_batches=1, max_grad_norm=max_grad_norm), PAD,
+                       [torch.arange(4)])
+        moved = zip(model.parameters(), start, strict=True)
+        deltas[max_grad_norm] = torch.cat([(p.detach() - s).flatten() for p, s in moved])
+    unclipped_norm = deltas[0.0].norm()
+    assert unclipped_norm > 1e-2  # the clip is active
+    # clip_grad_norm_ scales by max_norm / (norm + 1e-6)
+    torch.testing.assert_close(deltas[1e-3], deltas[0.0] * (1e-3 / (unclipped_norm + 1e-6)), rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_run_and_resume_bitwise(toy_run, tmp_path):
     """`torchrun --nproc_per_node=2 -m minirlhf.ppo`: 3 updates of 2 x 4 rollouts; a second run that starts from the
