@@ -65,6 +65,7 @@ def build(folder: Path) -> None:
 def run_ours(folder: Path, precision: torch.dtype | None) -> tuple[list[float], float, int]:
     """Update wall times, sampling seconds and sampled tokens of minirlhf's loop (ppo.main's steps 1-2)."""
     from minirlhf import ppo
+    from minirlhf.data import prompt_batches
     from minirlhf.model import CausalLM, RewardModel
     from minirlhf.optim import AdamW, param_groups
     from minirlhf.tokenizer import Tokenizer
@@ -79,7 +80,7 @@ def run_ours(folder: Path, precision: torch.dtype | None) -> tuple[list[float], 
     value_model, reward_model = (RewardModel.from_pretrained(str(folder / "reward")) for _ in range(2))
     model = ppo.PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
-    batches = ppo.prompt_batches(prompts, args, pad, 0, 1)
+    batches = prompt_batches(prompts, args.local_batch_size, pad, args.seed, 0, 1)
     times, sampling, tokens = [], 0.0, 0
     for update in range(1, args.num_total_batches + 1):
         start = time.perf_counter()

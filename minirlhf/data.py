@@ -6,7 +6,8 @@
 - `prepare_prompt_dataset` + `collate_prompts`: the `prompt` column of TRL's PPO example (examples/scripts/ppo/ppo.py),
   left-padded as PPOTrainer expects.
 - `prepare_sft_dataset` + `collate_sft`: SFTTrainer's prompt-completion tokenization (trl/trainer/sft_trainer.py).
-- `shuffled_order`: the epoch order of accelerate's SeedableRandomSampler (spec §1.4).
+- `shuffled_order`: the epoch order of accelerate's SeedableRandomSampler (spec §1.4); `prompt_batches`: PPO's
+  prompts in that order, sharded by rank, resumable at any batch.
 
 Where TRL needs a `datasets.Dataset`, we take `list[dict]` and report a malformed row by index instead of failing
 somewhere inside `Dataset.map`.
@@ -17,6 +18,7 @@ Usage:
     batch = collate_preference(examples[:8], tokenizer.pad_token_id)  # input_ids (16, T): 8 chosen, then 8 rejected
 """
 
+import itertools
 import json
 import re
 import warnings
@@ -305,3 +307,22 @@ def collate_sft(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tens
 def shuffled_order(n: int, seed: int, epoch: int) -> list[int]:
     """The order accelerate's SeedableRandomSampler gives epoch `epoch` (spec §1.4)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def prompt_batches(dataset: list[dict], local_batch_size: int, pad_token_id: int, seed: int, rank: int,
+                   world_size: int, start: int = 0):
+    """PPO's training prompts from batch `start` on, forever: epoch e visits shuffled_order(N, seed, e) in batches of
+    local_batch_size, rank r taking batches r, r + world_size, ...; an incomplete last round is dropped (TRL:
+    drop_last=True). Yields left-padded queries (local_batch_size, context_length).
+
+    Departure: PPOTrainer's own Accelerator has no seedable sampler. In one process torch's RandomSampler reseeds
+    each epoch from the global RNG, so TRL's order follows everything sampled before; on several ranks one shared
+    generator, seeded at setup, gives epoch e its (2e + 1)-th randperm (the sampler draws a spare one per pass).
+    """
+    batches_per_epoch = len(dataset) // (local_batch_size * world_size)
+    for step in itertools.count(start):
+        epoch, k = divmod(step, batches_per_epoch)
+        order = shuffled_order(len(dataset), seed, epoch)
+        first = (k * world_size + rank) * local_batch_size
+        batch = [dataset[i] for i in order[first : first + local_batch_size]]
+        yield collate_prompts(batch, pad_token_id)["input_ids"]

@@ -24,7 +24,6 @@ sample completions run on rank 0 with their own generator. PPO logs every update
 `eval_strategy` have no effect (as in TRL).
 """
 
-import itertools
 import json
 import math
 import sys
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from minirlhf import toytask
 from minirlhf.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from minirlhf.common import (
     MetricsLogger,
@@ -53,7 +53,7 @@ from minirlhf.common import (
     seed_everything,
 )
 from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config, steps_from
-from minirlhf.data import collate_prompts, load_rows, prepare_prompt_dataset, shuffled_order
+from minirlhf.data import collate_prompts, load_rows, prepare_prompt_dataset, prompt_batches
 from minirlhf.generate import generate
 from minirlhf.losses import (
     INVALID_LOGPROB,
@@ -406,7 +406,7 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Metrics, sample completions, data order
+# Metrics, sample completions
 
 
 @torch.no_grad()
@@ -431,15 +431,6 @@ def update_metrics(batch: dict[str, torch.Tensor], stats: dict[str, torch.Tensor
     metrics["val/ratio_var"] = gather(stats["ratio"]).var().item()
     metrics["val/num_eos_tokens"] = (batch["responses"] == eos_token_id).sum().item()
     return metrics
-
-
-def toytask_gold_scores(tokenizer: Tokenizer, queries: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-    """(B,) exact scores of the shipped toy task (minirlhf.toytask.gold_score) for left-padded queries and responses."""
-    from minirlhf.toytask import gold_score
-
-    prompts = tokenizer.batch_decode(queries.tolist(), skip_special_tokens=True)
-    texts = tokenizer.batch_decode(responses.tolist())
-    return torch.tensor([gold_score(p, r) for p, r in zip(prompts, texts, strict=True)])
 
 
 @torch.no_grad()
@@ -469,10 +460,8 @@ def sample_completions(policy: CausalLM, reward_model: RewardModel, tokenizer: T
         rows += [{"query": q, "response": r, "score": s}
                  for q, r, s in zip(queries, responses, score.float().tolist(), strict=True)]
     if args.toytask_gold_score:
-        from minirlhf.toytask import gold_score
-
         for row in rows:
-            row["gold_score"] = gold_score(row["query"], row["response"])
+            row["gold_score"] = toytask.gold_score(row["query"], row["response"])
     return rows
 
 
@@ -487,26 +476,6 @@ def log_completions(rows: list[dict], step: int, output_dir: str) -> None:
     for row in rows[:5]:
         gold = f" gold {row['gold_score']:.2f}" if "gold_score" in row else ""
         print0(f"  score {row['score']:+.3f}{gold} | {row['query']!r} -> {row['response']!r}")
-
-
-def prompt_batches(dataset: list[dict], args: PPOConfig, pad_token_id: int, rank: int, world_size: int,
-                   start: int = 0):
-    """The training prompts from batch `start` on, forever: epoch e visits randperm(N, seed + e) (accelerate's seedable
-    sampler, as TRL's other trainers shuffle) in batches of local_batch_size, rank r taking batches r, r + world_size,
-    ...; an incomplete last round is dropped (TRL: drop_last=True). Yields left-padded queries (B, context_length).
-
-    Departure: PPOTrainer's own Accelerator has no seedable sampler. In one process torch's RandomSampler reseeds
-    each epoch from the global RNG, so TRL's order follows everything sampled before; on several ranks one shared
-    generator, seeded at setup, gives epoch e its (2e + 1)-th randperm (the sampler draws a spare one per pass).
-    """
-    seed = args.seed if args.data_seed is None else args.data_seed  # TRL's PPO has no data_seed
-    batches_per_epoch = len(dataset) // args.batch_size
-    for step in itertools.count(start):
-        epoch, k = divmod(step, batches_per_epoch)
-        order = shuffled_order(len(dataset), seed, epoch)
-        first = (k * world_size + rank) * args.local_batch_size
-        batch = [dataset[i] for i in order[first : first + args.local_batch_size]]
-        yield collate_prompts(batch, pad_token_id)["input_ids"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -584,7 +553,9 @@ def main(argv: list[str] | None = None) -> None:
     logger = MetricsLogger(args.output_dir, args.report_to, ddp.is_main, args.num_total_batches, args.disable_tqdm)
     logger.update(state["global_step"])
     start_update, start_time = state["global_step"], time.time()
-    batches = prompt_batches(train_dataset, args, pad_token_id, ddp.rank, ddp.world_size, start=start_update)
+    seed = args.seed if args.data_seed is None else args.data_seed  # TRL's PPO has no data_seed
+    batches = prompt_batches(train_dataset, args.local_batch_size, pad_token_id, seed, ddp.rank, ddp.world_size,
+                             start=start_update)
     for update in range(start_update + 1, args.num_total_batches + 1):
         episode = update * args.batch_size
         lr = args.learning_rate * lr_multiplier(update - 1, args.num_total_batches, warmup, args.lr_scheduler_type,
@@ -603,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         # 3. log, save, sample
         gold = None
         if args.toytask_gold_score:
-            gold = toytask_gold_scores(tokenizer, queries, batch["postprocessed_responses"])
+            gold = toytask.gold_scores(tokenizer, queries, batch["postprocessed_responses"])
         eps = int((update - start_update) * args.batch_size / (time.time() - start_time))
         logger.log({"eps": eps, **update_metrics(batch, stats, eos_token_id, gold), "lr": lr, "episode": episode,
                     "epoch": episode / len(train_dataset), "step": update})

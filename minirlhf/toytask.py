@@ -30,6 +30,8 @@ import random
 import sys
 from pathlib import Path
 
+import torch
+
 CATEGORIES = {
     "animals": "cat dog horse cow sheep goat pig lion".split(),
     "colors": "red blue green yellow purple pink brown black".split(),
@@ -63,6 +65,13 @@ def gold_score(prompt: str, response: str) -> float:
         raise ValueError(f"toytask prompt must name exactly one of {list(CATEGORIES)}: {prompt!r}")
     words = [w for w in response.split(SPECIAL_TOKENS[0])[0].split() if w != "<pad>"]
     return sum(w in CATEGORIES[named[0]] for w in words) / len(words) if words else 0.0
+
+
+def gold_scores(tokenizer, queries: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    """(B,) gold scores of left-padded query ids and response ids, decoded with `tokenizer` (PPO's gold metric)."""
+    prompts = tokenizer.batch_decode(queries.tolist(), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(responses.tolist())
+    return torch.tensor([gold_score(p, r) for p, r in zip(prompts, texts, strict=True)])
 
 
 def sample_prompt(rng: random.Random) -> tuple[str, str, str]:
