@@ -26,6 +26,7 @@ Usage (wall times on the 2-core development machine, which runs other jobs):
                                                     # 1.5, ~50 min at load average 6
     python benchmarks/bench_reward.py --threads 1   # ~11 min at load average 3.5
     python benchmarks/bench_reward.py --quick       # 1 repeat, 3 warmup + 9 timed steps: ~2.5 min
+    python benchmarks/bench_reward.py --bf16        # bf16=true on both sides: CPU autocast in both trainers
 """
 
 import argparse
@@ -104,7 +105,7 @@ def rss_kib() -> int:
         return int(re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
-def run_ours(folder: Path, cfg: dict, output_dir: Path) -> dict:
+def run_ours(folder: Path, cfg: dict, output_dir: Path, bf16: bool) -> dict:
     from minirlhf import common, reward
 
     step_ends, start_rss = [], []
@@ -122,12 +123,12 @@ def run_ours(folder: Path, cfg: dict, output_dir: Path) -> dict:
     common.MetricsLogger.__init__, common.MetricsLogger.update = timed_init, timed_update
     reward.main([f"--model_name_or_path={folder / 'model'}", f"--dataset_name={folder / 'data'}",
                  f"--output_dir={output_dir}", "--disable_tqdm=true", "--report_to=none", "--dtype=float32",
-                 "--bf16=false", *[f"--{k}={str(v).lower()}" for k, v in cfg.items()]])
+                 f"--bf16={str(bf16).lower()}", *[f"--{k}={str(v).lower()}" for k, v in cfg.items()]])
     logs = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return {"step_ends": step_ends, "start_rss_kib": start_rss[0], "logs": logs}
 
 
-def run_trl(folder: Path, cfg: dict, output_dir: Path) -> dict:
+def run_trl(folder: Path, cfg: dict, output_dir: Path, bf16: bool) -> dict:
     import datasets
     import transformers
     from trl import RewardConfig, RewardTrainer
@@ -144,16 +145,17 @@ def run_trl(folder: Path, cfg: dict, output_dir: Path) -> dict:
             step_ends.append(time.perf_counter())
 
     train = datasets.load_dataset("json", data_files={"train": str(folder / "data" / "train.jsonl")})["train"]
-    args = RewardConfig(output_dir=str(output_dir), bf16=False, use_cpu=True, report_to="none", disable_tqdm=True,
+    # use_cpu: the Trainer then runs CPU autocast when bf16 is true (spec §1.1)
+    args = RewardConfig(output_dir=str(output_dir), bf16=bf16, use_cpu=True, report_to="none", disable_tqdm=True,
                         **cfg)
     trainer = RewardTrainer(model=str(folder / "model"), args=args, train_dataset=train, callbacks=[Timer()])
     trainer.train()
     return {"step_ends": step_ends, "start_rss_kib": start_rss[0], "logs": trainer.state.log_history}
 
 
-def child(side: str, folder: Path, cfg: dict, warmup: int) -> None:
+def child(side: str, folder: Path, cfg: dict, warmup: int, bf16: bool) -> None:
     with tempfile.TemporaryDirectory() as output_dir:
-        result = (run_ours if side == "ours" else run_trl)(folder, cfg, Path(output_dir))
+        result = (run_ours if side == "ours" else run_trl)(folder, cfg, Path(output_dir), bf16)
     # Logs come every `warmup` steps, so the cumulative num_tokens is known at step `warmup` and at the last step.
     tokens = {r["step"]: r["num_tokens"] for r in result["logs"] if "num_tokens" in r}
     ends, last = result["step_ends"], cfg["max_steps"]
@@ -168,10 +170,10 @@ def child(side: str, folder: Path, cfg: dict, warmup: int) -> None:
 # The parent: alternate the sides, collect medians, print the table
 
 
-def run_child(side: str, folder: Path, gc: bool, warmup: int, steps: int, threads: int | None) -> dict:
+def run_child(side: str, folder: Path, gc: bool, warmup: int, steps: int, threads: int | None, bf16: bool) -> dict:
     """One training run in a fresh process; adds its peak RSS (ru_maxrss, KiB on Linux)."""
     cmd = [sys.executable, __file__, "--child", side, "--folder", str(folder), "--gc", str(gc).lower(),
-           "--warmup", str(warmup), "--steps", str(steps)]
+           "--warmup", str(warmup), "--steps", str(steps)] + (["--bf16"] if bf16 else [])
     if threads is not None:
         cmd += ["--threads", str(threads)]
     env = {**os.environ, "HF_DATASETS_CACHE": str(folder / "hf_datasets_cache"), "TOKENIZERS_PARALLELISM": "false"}
@@ -207,6 +209,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="runs per side and setting (default 3; quick 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run (default: "
                         "torch's default, the number of cores); 1 is steadier on a machine shared with other jobs")
+    parser.add_argument("--bf16", action="store_true", help="bf16=true on both sides (CPU autocast), instead of fp32")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--gc", choices=["true", "false"], help=argparse.SUPPRESS)
@@ -216,7 +219,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.child:
-        child(args.child, args.folder, settings(args.gc == "true", args.warmup, args.steps), args.warmup)
+        child(args.child, args.folder, settings(args.gc == "true", args.warmup, args.steps), args.warmup, args.bf16)
         return
 
     warmup, steps = (3, 9) if args.quick else (5, 25)  # steps: a multiple of warmup (logs land on both ends)
@@ -235,7 +238,7 @@ def main() -> None:
             runs = {"ours": [], "trl": []}
             for _ in range(repeats):
                 for side in ("ours", "trl"):
-                    r = run_child(side, folder, gc, warmup, steps, args.threads)
+                    r = run_child(side, folder, gc, warmup, steps, args.threads, args.bf16)
                     runs[side].append(r)
                     print(f"[bench_reward] gradient_checkpointing={str(gc).lower()} {side}: "
                           f"{tok_s(r):,.0f} tok/s, peak RSS {r['peak_rss_mib']:,.0f} MiB",
@@ -253,8 +256,9 @@ def main() -> None:
     first = results[False]["ours"]
     print(f"Llama {n_params / 1e6:.1f}M params ({', '.join(f'{k}={v}' for k, v in MODEL.items())}, vocab "
           f"{len(SPECIAL) + N_WORDS}), random weights; {BATCH} pairs/step, 60-128 tokens per side, max_length "
-          f"{MAX_LENGTH}, ~{first['tokens_per_step']:.0f} non-pad tokens/step; fp32, CPU. {steps} timed steps after "
-          f"{warmup} warmup steps, median of {repeats} run(s) per side, alternating ours/trl, one process each.\n")
+          f"{MAX_LENGTH}, ~{first['tokens_per_step']:.0f} non-pad tokens/step; "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, CPU. {steps} timed steps after {warmup} warmup steps, median "
+          f"of {repeats} run(s) per side, alternating ours/trl, one process each.\n")
     print("| gradient checkpointing | side | train tok/s | steps/s | median step ms | peak RSS MiB | train growth MiB "
           "| tok/s ours/TRL | peak RSS ours/TRL |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
