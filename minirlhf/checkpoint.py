@@ -3,6 +3,7 @@
 `checkpoint-<step>/` holds the model in Hugging Face layout (transformers loads it as is), the tokenizer, and the
 training state: `optimizer.pt` (AdamW moments), `trainer_state.json` (step, epoch, data position, logging
 accumulators), `rng_state_<rank>.pth` (Python, NumPy, torch and CUDA generators of every rank) and `config.toml`.
+Weights and moments are saved whole even when FSDP shards them, so any number of ranks can resume.
 A checkpoint is written into a temporary folder and renamed into place, so a crash never leaves a half-written
 `checkpoint-<step>` behind; the oldest ones beyond `save_total_limit` are then deleted. This is not the same thing as
 a Hugging Face export (nanochat keeps them apart too): the export is only the model folder.
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def rng_state() -> dict:
@@ -36,6 +38,33 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def full_tensor(t):
+    """An FSDP shard (DTensor) gathered whole, on CPU; anything else as it is. Gathering is a collective: every rank
+    calls it, for the same tensors in the same order. One tensor at a time, so a device never holds a full model."""
+    return t.full_tensor().cpu() if isinstance(t, DTensor) else t
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    return {name: full_tensor(t) for name, t in model.state_dict().items()}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    state = optimizer.state_dict()
+    return {**state, "state": {i: {k: full_tensor(v) for k, v in s.items()} for i, s in state["state"].items()}}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimizer state, each moment sharded like its parameter where the model is FSDP-sharded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict()'s numbering
+    for i, param_state in state["state"].items():
+        param = params[i]
+        if isinstance(param, DTensor):
+            for key, value in param_state.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    param_state[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    optimizer.load_state_dict(state)
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -74,11 +103,13 @@ def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, s
     if distributed:
         dist.barrier()
     torch.save(rng_state(), tmp / f"rng_state_{rank}.pth")
+    weights = {sub: full_model_state(model) for sub, model in models.items()}  # collectives when FSDP-sharded
+    optimizer_state = full_optimizer_state(optimizer)
     if rank == 0:
         for sub, model in models.items():
-            model.save_pretrained(str(tmp / sub))
+            model.save_pretrained(str(tmp / sub), state_dict=weights[sub])
         tokenizer.save_pretrained(str(tmp))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         (tmp / "config.toml").write_text(config_toml)
     if distributed:
@@ -96,7 +127,7 @@ def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, s
 
 def load_checkpoint(path: Path, optimizer, rank: int = 0) -> dict:
     """Restore the optimizer and this rank's RNG state; return trainer_state (the caller loads the weights)."""
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     rng_file = path / f"rng_state_{rank}.pth"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))

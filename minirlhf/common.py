@@ -43,6 +43,19 @@ def init_distributed() -> Dist:
     return Dist(rank, local_rank, world, device)
 
 
+def shard_model(model: torch.nn.Module, fsdp: str) -> None:
+    """FSDP2, in place: each transformer block is one unit (its parameters gathered for its forward and backward
+    only), the embeddings, final norm and head a last one; gradients are averaged over ranks and kept sharded.
+    "full_shard" frees each block's gathered parameters after its forward (ZeRO-3), "shard_grad_op" keeps them
+    until backward (ZeRO-2). Build the optimizer afterwards: the parameters become DTensor shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    reshard = fsdp.split()[0] == "full_shard"
+    for block in model.transformer.blocks:
+        fully_shard(block, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+
+
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be saving

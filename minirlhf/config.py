@@ -41,6 +41,7 @@ from minirlhf.optim import SCHEDULES, schedule_kwargs
 
 STRATEGIES = ("no", "steps", "epoch")  # transformers also has save_strategy="best" (needs load_best_model_at_end)
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # TRL ModelConfig.dtype choices
+FSDP_MODES = ("full_shard", "shard_grad_op")  # the transformers FSDPOption names minirlhf implements
 REPORT_TO = ("none", "tensorboard")  # metrics.jsonl and the console are always written
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 C = TypeVar("C")
@@ -158,6 +159,10 @@ class TrainingConfig:
     """fp16 autocast (cannot be combined with bf16)"""
     gradient_checkpointing: bool = True
     """recompute each block's activations during backward to save memory"""
+    fsdp: str | None = None
+    """shard the model over ranks with FSDP2 (reward training): "full_shard" (parameters, gradients and optimizer
+    state; ZeRO-3) or "shard_grad_op" (parameters stay gathered between forward and backward; ZeRO-2), optionally
+    followed by " auto_wrap" (each transformer block is always its own unit); None: DDP"""
 
     def __post_init__(self):
         # The checks of TrainingArguments.__post_init__/_validate_args (spec §1.3), as one-line errors.
@@ -190,6 +195,9 @@ class TrainingConfig:
                 require(steps < 1 or steps == int(steps), key, f"a value > 1 must be a whole number, got {steps!r}")
                 setattr(self, key, int(steps) if steps >= 1 else steps)
         require(not (self.bf16 and self.fp16), "bf16", "bf16 and fp16 cannot both be true")
+        options = (self.fsdp or "").split()
+        require(not options or (options[0] in FSDP_MODES and set(options[1:]) <= {"auto_wrap"}), "fsdp",
+                f"{self.fsdp!r} is not one of {FSDP_MODES}, optionally with 'auto_wrap' (no offload, no hybrid)")
         require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
                 f"must be >= 1 or none, got {self.save_total_limit!r}")
 

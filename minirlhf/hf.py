@@ -314,12 +314,15 @@ def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=No
     return model
 
 
-def save_pretrained(model: CausalLM | RewardModel, save_dir: str, max_shard_size: int = 5 * 1024**3) -> None:
-    """Write config.json and model.safetensors (or shards with an index) as transformers expects them."""
+def save_pretrained(model: CausalLM | RewardModel, save_dir: str, max_shard_size: int = 5 * 1024**3,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json and model.safetensors (or shards with an index) as transformers expects them.
+    `state_dict`: the weights to write, if not model.state_dict() (an FSDP model's, gathered whole)."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    tensors = to_hf_tensors(cfg, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = to_hf_tensors(cfg, {k: v.detach().cpu() for k, v in state_dict.items()})
     if cfg.model_type == "gpt_neox" and "lm_head.weight" in tensors:
         tensors["embed_out.weight"] = tensors.pop("lm_head.weight")  # the name transformers 5.23 writes
     (save_dir / "config.json").write_text(json.dumps(config_to_hf(model), indent=2, sort_keys=True) + "\n")

@@ -320,10 +320,10 @@ class CausalLM(nn.Module):
 
         return load_pretrained(cls, name_or_path, revision=revision, dtype=dtype, device=device)
 
-    def save_pretrained(self, save_dir: str, max_shard_size: int = 5 * 1024**3) -> None:
+    def save_pretrained(self, save_dir: str, max_shard_size: int = 5 * 1024**3, state_dict: dict | None = None) -> None:
         from minirlhf.hf import save_pretrained
 
-        save_pretrained(self, save_dir, max_shard_size)
+        save_pretrained(self, save_dir, max_shard_size, state_dict)
 
 
 class RewardModel(nn.Module):
@@ -352,10 +352,10 @@ class RewardModel(nn.Module):
 
         return load_pretrained(cls, name_or_path, revision=revision, dtype=dtype, device=device)
 
-    def save_pretrained(self, save_dir: str, max_shard_size: int = 5 * 1024**3) -> None:
+    def save_pretrained(self, save_dir: str, max_shard_size: int = 5 * 1024**3, state_dict: dict | None = None) -> None:
         from minirlhf.hf import save_pretrained
 
-        save_pretrained(self, save_dir, max_shard_size)
+        save_pretrained(self, save_dir, max_shard_size, state_dict)
 
 
 def pool_last_non_pad(scores: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from minirlhf.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from minirlhf.checkpoint import full_model_state, full_tensor, load_checkpoint, resolve_resume, save_checkpoint
 from minirlhf.common import (
     MetricsLogger,
     all_reduce,
@@ -32,6 +32,7 @@ from minirlhf.common import (
     print0,
     resolve_precision,
     seed_everything,
+    shard_model,
 )
 from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config, steps_from
 from minirlhf.data import collate_preference, load_rows, prepare_preference_dataset, shuffled_order
@@ -126,18 +127,25 @@ def evaluate(model, eval_set: list[dict], cfg: RewardConfig, env, amp_dtype, pad
     """eval_loss weighted by pairs, TRL's reward metrics averaged over batches (spec §1.4, §2.7)."""
     start = time.time()
     model.eval()
-    batches = [range(i, min(i + cfg.per_device_eval_batch_size, len(eval_set)))
-               for i in range(0, len(eval_set), cfg.per_device_eval_batch_size)][env.rank::env.world_size]
+    all_batches = [range(i, min(i + cfg.per_device_eval_batch_size, len(eval_set)))
+                   for i in range(0, len(eval_set), cfg.per_device_eval_batch_size)]
+    batches = all_batches[env.rank :: env.world_size]
     loss_sum, pairs, history = torch.zeros(()), torch.zeros(()), []
-    for indices in batches:
+    # Every rank runs the same rounds: each round's metrics are all-reduced, and under FSDP each forward gathers
+    # weights from every rank. A rank one batch short wraps around to the first batch, as accelerate's even_batches
+    # does; that batch enters the reward metrics (TRL gathers padded batches too) but not eval_loss.
+    for n in range(math.ceil(len(all_batches) / env.world_size)):
+        spare = n >= len(batches)
+        indices = all_batches[0] if spare else batches[n]
         batch = {k: v.to(env.device) for k, v in collate_preference(
             [eval_set[i] for i in indices], pad_token_id, cfg.pad_to_multiple_of).items()}
         with autocast(env.device, amp_dtype):
             rewards = model(batch["input_ids"], batch["attention_mask"]).squeeze(-1).float()  # (2B,)
         chosen, rejected = rewards.chunk(2)
-        loss = reward_loss(chosen, rejected, batch.get("margin"), cfg.center_rewards_coefficient)
-        loss_sum += loss.cpu() * len(indices)
-        pairs += len(indices)
+        if not spare:
+            loss = reward_loss(chosen, rejected, batch.get("margin"), cfg.center_rewards_coefficient)
+            loss_sum += loss.cpu() * len(indices)
+            pairs += len(indices)
         history.append(batch_metrics(chosen, rejected))
     runtime = time.time() - start
     metrics = {"eval_loss": (all_reduce(loss_sum, "sum") / all_reduce(pairs, "sum")).item(),
@@ -180,6 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     print0(f"[minirlhf] {len(train_set)} pairs, {n_batches} batches of {global_batch} per epoch, "
            f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), {warmup_steps} warmup")
 
+    if resume_dir is not None:
+        trained = RewardModel.from_pretrained(str(resume_dir), dtype=cfg.dtype, device=env.device)
+        model.load_state_dict(trained.state_dict())
+    if cfg.fsdp:
+        shard_model(model, cfg.fsdp)  # in place: `model` now holds this rank's shards
+        local, total = (sum(f(p) for p in model.parameters()) for f in (lambda p: p.to_local().numel(), torch.numel))
+        print0(f"[minirlhf] FSDP2 {cfg.fsdp}: rank 0 holds {local:,} of {total:,} parameters")
+    train_model = DDP(model) if env.world_size > 1 and not cfg.fsdp else model
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     # Training state: everything a resumed run needs to continue bit for bit (the data order is a function of
@@ -187,11 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     state = {"step": 0, "epoch": 0, "group": 0, "num_tokens": 0, "window_loss": 0.0, "total_loss": 0.0,
              "last_logged": 0, "window": {}}
     if resume_dir is not None:
-        trained = RewardModel.from_pretrained(str(resume_dir), dtype=cfg.dtype, device=env.device)
-        model.load_state_dict(trained.state_dict())
         state = load_checkpoint(resume_dir, optimizer, env.rank)
         print0(f"[minirlhf] resumed from {resume_dir} at step {state['step']}")
-    ddp_model = DDP(model) if env.world_size > 1 else model
     logger = MetricsLogger(cfg.output_dir, cfg.report_to, env.is_main, total_steps, cfg.disable_tqdm)
     logger.update(state["step"])
     offload = torch.autograd.graph.save_on_cpu if cfg.activation_offloading else contextlib.nullcontext
@@ -215,16 +228,19 @@ def main(argv: list[str] | None = None) -> None:
         my_batches = [b[env.rank * per_device : (env.rank + 1) * per_device] for b in batches]
         groups = [my_batches[i : i + ga] for i in range(0, len(my_batches), ga)]  # the last one may be shorter
         for g in range(state["group"], len(groups)):
-            ddp_model.train()
+            train_model.train()
             # 2. forward/backward each micro-batch: chosen and rejected in one concatenated forward (spec §2.5)
             for i, indices in enumerate(groups[g]):
                 batch = {k: v.to(env.device) for k, v in collate_preference(
                     [train_set[j] for j in indices], pad_token_id, cfg.pad_to_multiple_of).items()}
+                # gradients are averaged over ranks once per optimizer step, in the last micro-batch's backward
                 last = i == len(groups[g]) - 1
-                no_sync = ddp_model.no_sync if env.world_size > 1 and not last else contextlib.nullcontext
+                no_sync = train_model.no_sync if isinstance(train_model, DDP) and not last else contextlib.nullcontext
+                if cfg.fsdp:
+                    train_model.set_requires_gradient_sync(last)
                 with no_sync(), offload():
                     with autocast(env.device, amp_dtype):
-                        rewards = ddp_model(batch["input_ids"], batch["attention_mask"]).squeeze(-1).float()  # (2B,)
+                        rewards = train_model(batch["input_ids"], batch["attention_mask"]).squeeze(-1).float()  # (2B,)
                     rewards_chosen, rewards_rejected = rewards.chunk(2)  # (B,), (B,)
                     loss = reward_loss(rewards_chosen, rewards_rejected, batch.get("margin"),
                                        cfg.center_rewards_coefficient)
@@ -236,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
                     state["window"].setdefault(key, []).append(value)
             # 3. clip (the norm before clipping is logged), then step with the scheduled learning rate
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)).item()
             lr = cfg.learning_rate * lr_multiplier(state["step"], total_steps, warmup_steps, cfg.lr_scheduler_type,
                                                    **lr_kwargs)
             set_lr(optimizer, lr)
@@ -258,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                 state["total_loss"] += state["window_loss"]
                 state["window_loss"], state["last_logged"], state["window"] = 0.0, step, {}
             if (eval_steps and (step % eval_steps == 0 or done)) or (cfg.eval_strategy == "epoch" and epoch_end):
-                metrics = evaluate(ddp_model, eval_set, cfg, env, amp_dtype, pad_token_id)
+                metrics = evaluate(train_model, eval_set, cfg, env, amp_dtype, pad_token_id)
                 log({**metrics, "eval_num_tokens": state["num_tokens"]}, epoch_float)
                 last_eval = step
             if (save_steps and (step % save_steps == 0 or done)) or (cfg.save_strategy == "epoch" and epoch_end):
@@ -274,8 +290,9 @@ def main(argv: list[str] | None = None) -> None:
              **{k: sum(v) / len(v) for k, v in state["window"].items()}}
     log(final, epoch_float)
     logger.close()
+    weights = full_model_state(model)  # a collective when FSDP-sharded
     if env.is_main:
-        model.save_pretrained(str(output_dir))
+        model.save_pretrained(str(output_dir), state_dict=weights)
         tokenizer.save_pretrained(str(output_dir))
         print0(f"[minirlhf] saved the reward model to {output_dir} (last eval at step {last_eval})")
     cleanup_distributed()

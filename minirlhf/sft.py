@@ -53,6 +53,7 @@ class SFTConfig(TrainingConfig):
         super().__post_init__()
         require(self.max_length is None or self.max_length >= 1, "max_length", f"must be >= 1, got {self.max_length}")
         require(self.eval_strategy == "no", "eval_strategy", "evaluation is not implemented in minirlhf.sft")
+        require(self.fsdp is None, "fsdp", "FSDP is implemented for reward training only")
         require(self.save_strategy != "epoch", "save_strategy", "minirlhf.sft saves every save_steps ('steps') or 'no'")
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -120,23 +121,57 @@ def test_resume_is_bitwise_equal(tmp_path, data_dir):
         assert torch.equal(resumed_weights[name], tensor), name
 
 
-def test_torchrun_two_ranks_equals_one_process_with_double_batch(tmp_path, data_dir):
+def torchrun(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "minirlhf.reward", *args], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("fsdp", ["none", "full_shard", "shard_grad_op"])
+def test_torchrun_two_ranks_equals_one_process_with_double_batch(tmp_path, data_dir, fsdp):
+    """DDP, or FSDP2 with each block its own unit; evaluation on 3 batches of the 10 test pairs, so one rank has one
+    batch fewer (under FSDP it runs a spare forward, since every forward gathers the weights from both ranks)."""
     model_dir = write_model(tmp_path / "model")
     common = [f"--model_name_or_path={model_dir}", f"--dataset_name={data_dir}", "--disable_tqdm=true",
               "--learning_rate=3e-3", "--logging_steps=1", "--max_steps=4", "--save_strategy=no",
-              "--gradient_accumulation_steps=2", "--max_grad_norm=0.5", "--center_rewards_coefficient=0.01"]
+              "--gradient_accumulation_steps=2", "--max_grad_norm=0.5", "--center_rewards_coefficient=0.01",
+              "--eval_strategy=steps", "--eval_steps=2", "--per_device_eval_batch_size=4"]
     reward.main([*common, f"--output_dir={tmp_path / 'one'}", "--per_device_train_batch_size=4"])
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "-m", "minirlhf.reward", *common, f"--output_dir={tmp_path / 'two'}",
-                    "--per_device_train_batch_size=2"], check=True, timeout=300,
-                   env={**os.environ, "PYTHONPATH": os.getcwd()})
+    out = torchrun(*common, f"--output_dir={tmp_path / 'two'}", "--per_device_train_batch_size=2", f"--fsdp={fsdp}")
+    assert (f"FSDP2 {fsdp}: rank 0 holds" in out) == (fsdp != "none")  # about half the parameters
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] and sum("eval_loss" in r for r in two) == 2
     for a, b in zip(one[:-1], two[:-1], strict=True):
-        for key in KEYS:
+        for key in KEYS if "loss" in a else ["eval_loss"]:  # other eval metrics are each rank's batch averages
             torch.testing.assert_close(float(b[key]), float(a[key]), rtol=1e-5, atol=1e-6, msg=key)
     one_w, two_w = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert set(one_w) == set(two_w)
     for name, tensor in one_w.items():
         torch.testing.assert_close(two_w[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fsdp_resume_is_bitwise_equal(tmp_path, data_dir):
+    """FSDP2 over two ranks saves whole weights and AdamW moments; a run restarted from checkpoint-2 alone ends with
+    the uninterrupted run's weights, bit for bit."""
+    model_dir = write_model(tmp_path / "model")
+    common = [f"--model_name_or_path={model_dir}", f"--dataset_name={data_dir}", "--disable_tqdm=true",
+              "--learning_rate=3e-3", "--logging_steps=1", "--max_steps=4", "--save_steps=2", "--fsdp=full_shard",
+              "--per_device_train_batch_size=2", "--weight_decay=0.1"]
+    torchrun(*common, f"--output_dir={tmp_path / 'full'}")
+    optimizer_state = torch.load(tmp_path / "full" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    moments = optimizer_state["state"][0]["exp_avg"]
+    assert type(moments) is torch.Tensor and moments.shape == load_file(  # whole, not one rank's shard
+        tmp_path / "full" / "checkpoint-2" / "model.safetensors")["model.embed_tokens.weight"].shape
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    torchrun(*common, f"--output_dir={tmp_path / 'resumed'}", "--resume_from_checkpoint=true")
+    full_weights = load_file(tmp_path / "full" / "model.safetensors")
+    resumed_weights = load_file(tmp_path / "resumed" / "model.safetensors")
+    for name, tensor in full_weights.items():
+        assert torch.equal(resumed_weights[name], tensor), name
+    assert read_metrics(tmp_path / "resumed")[:2] == read_metrics(tmp_path / "full")[2:4]
 
 
 # ---- the command line: bad config and bad data exit with code 2 and one line naming the key, file or row
