@@ -3,7 +3,9 @@
 - One PPO update vs TRL on tiny random Llama models (transformers builds them; both sides load the same folders),
   with TRL's generation replaced by fixed responses and behaviour logits (monkeypatched `batch_generation`) and
   TRL's NumPy minibatch permutations fed to our update: rewards, advantages, returns, every logged metric and the
-  updated policy and value weights agree to 1e-5 (fp32). TRL's data order is checked against ours too.
+  updated policy and value weights agree to 1e-5 (fp32). Two updates in a row (AdamW moments carried over, the
+  linear schedule's second learning rate) agree too: metrics to 1e-5, weights to 1e-4. TRL's data order is
+  checked against ours as well.
 - Sampling with a seed repeats exactly, and the behaviour logprobs equal a recomputed forward (1e-5).
 - bf16 autocast (bf16=true) stays within bf16 rounding of fp32 through rollouts and an update's gradient.
 - A run interrupted after its checkpoint and resumed ends bitwise equal to an uninterrupted one, in one process and
@@ -37,7 +39,7 @@ from minirlhf.data import prompt_batches
 from minirlhf.hf import to_hf_tensors
 from minirlhf.losses import INVALID_LOGPROB
 from minirlhf.model import CausalLM, RewardModel
-from minirlhf.optim import AdamW, param_groups
+from minirlhf.optim import AdamW, lr_multiplier, param_groups, set_lr
 from minirlhf.tokenizer import Tokenizer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -212,6 +214,89 @@ def test_update_matches_trl(tiny_models, tmp_path, monkeypatch, batch_size, kl_e
             torch.testing.assert_close(tensor, theirs_state[name], **TOL, msg=name)
     start = load_file(tiny_models / "policy" / "model.safetensors")["lm_head.weight"]
     assert (to_hf_tensors(policy.cfg, policy.state_dict())["lm_head.weight"] - start).abs().max() > 1e-4
+
+
+def test_two_updates_match_trl(tiny_models, tmp_path, monkeypatch):
+    """Two updates: the second starts from the first one's weights, AdamW moments and the next learning rate of the
+    linear schedule. TRL's generation is replaced as above; its batches and behaviour logits of each update are fed
+    to ours (TRL's data order follows its unseeded global RNGs, spec §5.1). Logged metrics of both updates within
+    1e-5; final weights within 1e-4, as Adam's 8 steps amplify float32 summation-order noise (see the reward test)."""
+    import datasets
+    import transformers
+    from trl.experimental.ppo import PPOConfig as TRLPPOConfig
+    from trl.experimental.ppo import PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    batch_size, updates = 4, 2
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(2, 6, (updates * batch_size,), generator=g).tolist()
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
+    responses = fixed_responses(batch_size)
+    calls = []
+
+    def theirs_batch_generation(model, queries, local_rollout_forward_batch_size, pad_token_id, generation_config):
+        query_responses = torch.cat((queries, responses), 1)
+        with torch.no_grad():
+            logits = trl_ppo.forward(model, query_responses, pad_token_id).logits[:, queries.shape[1] - 1 : -1]
+        logits = logits / (TEMPERATURE + 1e-7) + 0.3 * torch.randn(logits.shape, generator=g)
+        calls.append((queries.clone(), logits.clone()))
+        return query_responses, logits
+
+    permutations, np_permutation = [], np.random.permutation
+
+    def theirs_permutation(n):
+        permutations.append(np_permutation(n))
+        return permutations[-1]
+
+    np.random.seed(0)  # as in test_update_matches_trl
+    monkeypatch.setattr(trl_ppo, "batch_generation", theirs_batch_generation)
+    monkeypatch.setattr(np.random, "permutation", theirs_permutation)
+    load = dict(attn_implementation="eager")
+    sizes = dict(per_device_train_batch_size=batch_size, total_episodes=updates * batch_size, num_mini_batches=2,
+                 num_ppo_epochs=2, local_rollout_forward_batch_size=2, response_length=6, temperature=TEMPERATURE,
+                 stop_token="eos", missing_eos_penalty=1.0, learning_rate=1e-3, seed=3)
+    trainer = PPOTrainer(
+        args=TRLPPOConfig(output_dir=str(tmp_path / "trl"), **sizes, gradient_accumulation_steps=1,
+                          num_sample_generations=0, bf16=False, report_to="none", save_strategy="no"),
+        processing_class=transformers.AutoTokenizer.from_pretrained(tiny_models / "policy"),
+        model=transformers.AutoModelForCausalLM.from_pretrained(tiny_models / "policy", **load),
+        ref_model=None,
+        reward_model=transformers.AutoModelForSequenceClassification.from_pretrained(tiny_models / "reward", **load),
+        value_model=transformers.AutoModelForSequenceClassification.from_pretrained(tiny_models / "reward", **load),
+        train_dataset=datasets.Dataset.from_dict({"input_ids": prompts}),
+        eval_dataset=datasets.Dataset.from_dict({"input_ids": prompts}),
+    )
+    trainer.train()
+    theirs_metrics = [r for r in trainer.state.log_history if "objective/kl" in r]
+    assert len(calls) == len(theirs_metrics) == updates and len(permutations) == updates * 2
+
+    args = our_config(**{k: v for k, v in sizes.items() if k != "total_episodes"}, total_episodes=updates * batch_size)
+    args.set_runtime_sizes(1, len(prompts))
+    policy, value_model = (cls.from_pretrained(str(tiny_models / name))
+                           for cls, name in ((CausalLM, "policy"), (RewardModel, "reward")))
+    ref_policy = CausalLM.from_pretrained(str(tiny_models / "policy")).eval()
+    reward_model = RewardModel.from_pretrained(str(tiny_models / "reward")).eval()
+    model = ppo.PolicyAndValue(policy, value_model).train()
+    optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
+    for update, (queries, logits) in enumerate(calls, 1):
+        lr = args.learning_rate * lr_multiplier(update - 1, args.num_total_batches, 0, "linear")
+        set_lr(optimizer, lr)  # as ppo.main does
+        query_responses = torch.cat((queries, responses), 1)
+        logprobs = torch.log_softmax(logits, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+        rollouts = ppo.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs,
+                                       args, PAD, EOS, None)
+        batch = ppo.compute_advantages(rollouts, args, EOS)
+        orders = [torch.as_tensor(p) for p in permutations[(update - 1) * 2 : update * 2]]
+        stats = ppo.ppo_update(model, optimizer, batch, args, PAD, orders)
+        ours = {**ppo.update_metrics(batch, stats, EOS), "lr": lr}
+        theirs = theirs_metrics[update - 1]
+        for key, value in ours.items():
+            assert value == pytest.approx(theirs[key], rel=1e-5, abs=1e-5), (update, key)
+    assert theirs_metrics[1]["lr"] == pytest.approx(0.5 * theirs_metrics[0]["lr"])  # the schedule moved
+    for ours_model, theirs_model in ((policy, trainer.model.policy), (value_model, trainer.model.value_model)):
+        ours_state, theirs_state = to_hf_tensors(ours_model.cfg, ours_model.state_dict()), theirs_model.state_dict()
+        for name, tensor in ours_state.items():
+            torch.testing.assert_close(tensor, theirs_state[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_prompt_order_is_accelerates_seedable_sampler_sharded_by_rank():
