@@ -54,6 +54,8 @@ def shard_model(model: torch.nn.Module, fsdp: str) -> None:
     for block in model.transformer.blocks:
         fully_shard(block, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
+    local, total = (sum(f(p) for p in model.parameters()) for f in (lambda p: p.to_local().numel(), torch.numel))
+    print0(f"[minirlhf] FSDP2 {fsdp}: rank 0 holds {local:,} of {total:,} parameters")
 
 
 def cleanup_distributed() -> None:

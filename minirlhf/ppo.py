@@ -165,7 +165,7 @@ class PPOConfig(TrainingConfig):
         # PPO counts updates, not optimizer steps (TRL ignores both keys; we refuse rather than do nothing)
         require(self.max_steps == -1, "max_steps", "PPO's length is total_episodes (or num_train_epochs)")
         require(self.save_strategy != "epoch", "save_strategy", "PPO saves every save_steps updates ('steps') or 'no'")
-        require(self.fsdp is None, "fsdp", "FSDP is implemented for reward training only")
+        require(self.fsdp is None, "fsdp", "PPO runs DDP; FSDP2 is implemented for reward and SFT training")
 
     def set_runtime_sizes(self, world_size: int, train_dataset_len: int, rank: int = 0) -> None:
         """Fill the runtime block from the number of ranks and prompts, as TRL's PPOTrainer.__init__ does."""

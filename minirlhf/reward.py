@@ -193,8 +193,6 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(trained.state_dict())
     if cfg.fsdp:
         shard_model(model, cfg.fsdp)  # in place: `model` now holds this rank's shards
-        local, total = (sum(f(p) for p in model.parameters()) for f in (lambda p: p.to_local().numel(), torch.numel))
-        print0(f"[minirlhf] FSDP2 {cfg.fsdp}: rank 0 holds {local:,} of {total:,} parameters")
     train_model = DDP(model) if env.world_size > 1 and not cfg.fsdp else model
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                       betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from minirlhf.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from minirlhf.checkpoint import full_model_state, full_tensor, load_checkpoint, resolve_resume, save_checkpoint
 from minirlhf.common import (
     MetricsLogger,
     all_reduce,
@@ -32,6 +32,7 @@ from minirlhf.common import (
     init_distributed,
     resolve_precision,
     seed_everything,
+    shard_model,
 )
 from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config, steps_from
 from minirlhf.data import collate_sft, load_rows, prepare_sft_dataset, shuffled_order
@@ -53,7 +54,6 @@ class SFTConfig(TrainingConfig):
         super().__post_init__()
         require(self.max_length is None or self.max_length >= 1, "max_length", f"must be >= 1, got {self.max_length}")
         require(self.eval_strategy == "no", "eval_strategy", "evaluation is not implemented in minirlhf.sft")
-        require(self.fsdp is None, "fsdp", "FSDP is implemented for reward training only")
         require(self.save_strategy != "epoch", "save_strategy", "minirlhf.sft saves every save_steps ('steps') or 'no'")
 
 
@@ -88,9 +88,11 @@ def main(argv: list[str] | None = None) -> None:
                                      dtype=args.dtype, device=device)
     model.transformer.gradient_checkpointing = args.gradient_checkpointing
     model.train()
+    if args.fsdp:
+        shard_model(model, args.fsdp)  # in place, before the optimizer sees the parameters
+    train_model = DDP(model) if ddp.world_size > 1 and not args.fsdp else model
     optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    train_model = DDP(model) if ddp.world_size > 1 else model
     state = load_checkpoint(resume, optimizer, ddp.rank) if resume is not None else {"global_step": 0}
 
     # ---- steps, as transformers.Trainer counts them (spec §1.4)
@@ -129,16 +131,18 @@ def main(argv: list[str] | None = None) -> None:
             num_items_in_batch = all_reduce(sum((b["labels"][:, 1:] != -100).sum() for b in batches), "sum")
             step_loss = 0.0
             for i, b in enumerate(batches):
-                last = i == len(batches) - 1
+                last = i == len(batches) - 1  # gradients are averaged over ranks in the last backward only
+                if args.fsdp:
+                    train_model.set_requires_gradient_sync(last)
                 with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
                     with autocast(device, precision):
                         logits = train_model(b["input_ids"].to(device), b["attention_mask"].to(device))
-                    # DDP averages over ranks; the world_size factor makes it a mean over all ranks' tokens
+                    # DDP/FSDP average over ranks; the world_size factor makes it a mean over all ranks' tokens
                     loss = completion_loss(logits, b["labels"].to(device), num_items_in_batch) * ddp.world_size
                     loss.backward()
                 step_loss += loss.item() / ddp.world_size
             max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             window.append(all_reduce(torch.tensor(step_loss), "sum").item())
@@ -157,8 +161,9 @@ def main(argv: list[str] | None = None) -> None:
             break
 
     logger.close()
+    weights = full_model_state(model)  # a collective when FSDP-sharded
     if ddp.is_main:
-        model.save_pretrained(args.output_dir)
+        model.save_pretrained(args.output_dir, state_dict=weights)
         tokenizer.save_pretrained(args.output_dir)
     cleanup_distributed()
 

@@ -1,5 +1,6 @@
 """minirlhf.sft against TRL 1.12.0's SFTTrainer on the shipped toy task: the same tokens and labels from the same
-prompt-completion rows, and the same completion-only loss (fp32, 1e-6); then a short command-line run."""
+prompt-completion rows, and the same completion-only loss (fp32, 1e-6); then a short command-line run, and two
+ranks (DDP and FSDP2) against one process."""
 
 import json
 import os
@@ -94,3 +95,35 @@ def test_cli_trains_and_saves(toy, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {toy / 'prompts' / 'train.jsonl'} [train]: row 0: missing "
                                                   "column 'completion' (columns: ['prompt'])"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", ["none", "full_shard"])
+def test_torchrun_two_ranks_equal_one_process(toy, tmp_path, fsdp):
+    """Two ranks of 2 rows each (DDP, or FSDP2) step on the same global batches as one process of 4 rows: the same
+    losses, gradient norms and final weights (1e-5)."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join((toy / "sft" / "train.jsonl").read_text().splitlines(keepends=True)[:16]))
+    common = ["--model_name_or_path", str(toy / "model"), "--dataset_name", str(data), "--num_train_epochs", "2",
+              "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1",
+              "--save_strategy", "no", "--disable_tqdm", "true", "--max_grad_norm", "0.5"]
+    one = run_cli([*common, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "minirlhf.sft", *common, "--output_dir", str(tmp_path / "two"),
+                          "--per_device_train_batch_size", "2", "--fsdp", fsdp], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert ("FSDP2 full_shard: rank 0 holds" in two.stdout) == (fsdp != "none")
+    one_metrics, two_metrics = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text()
+                                 .splitlines()] for run in ("one", "two"))
+    assert [m["step"] for m in two_metrics] == [1, 2, 3, 4]
+    for a, b in zip(one_metrics, two_metrics, strict=True):
+        for key in ("loss", "grad_norm", "learning_rate"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    one_w, two_w = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
+    assert set(one_w) == set(two_w)
+    for name, tensor in one_w.items():
+        torch.testing.assert_close(two_w[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
