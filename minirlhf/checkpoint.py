@@ -3,7 +3,7 @@
 `checkpoint-<step>/` holds the model in Hugging Face layout (transformers loads it as is), the tokenizer, and the
 training state: `optimizer.pt` (AdamW moments), `trainer_state.json` (step, epoch, data position, logging
 accumulators), `rng_state_<rank>.pth` (Python, NumPy, torch and CUDA generators of every rank) and `config.toml`.
-Weights and moments are saved whole even when FSDP shards them, so any number of ranks can resume.
+Under FSDP the weights and moments are gathered and saved whole, so the files are the same as without it.
 A checkpoint is written into a temporary folder and renamed into place, so a crash never leaves a half-written
 `checkpoint-<step>` behind; the oldest ones beyond `save_total_limit` are then deleted. This is not the same thing as
 a Hugging Face export (nanochat keeps them apart too): the export is only the model folder.
@@ -42,7 +42,8 @@ def set_rng_state(state: dict) -> None:
 
 def full_tensor(t):
     """An FSDP shard (DTensor) gathered whole, on CPU; anything else as it is. Gathering is a collective: every rank
-    calls it, for the same tensors in the same order. One tensor at a time, so a device never holds a full model."""
+    calls it, for the same tensors in the same order. Callers gather one tensor at a time, so an accelerator never
+    holds more than one whole tensor (every rank collects the whole state in CPU memory)."""
     return t.full_tensor().cpu() if isinstance(t, DTensor) else t
 
 

@@ -160,9 +160,9 @@ class TrainingConfig:
     gradient_checkpointing: bool = True
     """recompute each block's activations during backward to save memory"""
     fsdp: str | None = None
-    """shard the model over ranks with FSDP2 (reward training): "full_shard" (parameters, gradients and optimizer
-    state; ZeRO-3) or "shard_grad_op" (parameters stay gathered between forward and backward; ZeRO-2), optionally
-    followed by " auto_wrap" (each transformer block is always its own unit); None: DDP"""
+    """shard the model over ranks with FSDP2 (reward and SFT training): "full_shard" (parameters, gradients and
+    optimizer state; ZeRO-3) or "shard_grad_op" (parameters stay gathered between forward and backward; ZeRO-2),
+    optionally followed by " auto_wrap" (each transformer block is always its own unit); None: DDP"""
 
     def __post_init__(self):
         # The checks of TrainingArguments.__post_init__/_validate_args (spec §1.3), as one-line errors.
