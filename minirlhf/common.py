@@ -48,12 +48,14 @@ def shard_model(model: torch.nn.Module, fsdp: str) -> None:
     only), the embeddings, final norm and head a last one; gradients are averaged over ranks and kept sharded.
     "full_shard" frees each block's gathered parameters after its forward (ZeRO-3), "shard_grad_op" keeps them
     until backward (ZeRO-2). Build the optimizer afterwards: the parameters become DTensor shards."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     reshard = fsdp.split()[0] == "full_shard"
     for block in model.transformer.blocks:
         fully_shard(block, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
+    if hasattr(model, "token_scores"):  # PPO's value and reward models are called through it, not forward()
+        register_fsdp_forward_method(model, "token_scores")
     local, total = (sum(f(p) for p in model.parameters()) for f in (lambda p: p.to_local().numel(), torch.numel))
     print0(f"[minirlhf] FSDP2 {fsdp}: rank 0 holds {local:,} of {total:,} parameters")
 

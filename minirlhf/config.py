@@ -160,7 +160,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = True
     """recompute each block's activations during backward to save memory"""
     fsdp: str | None = None
-    """shard the model over ranks with FSDP2 (reward and SFT training): "full_shard" (parameters, gradients and
+    """shard the models over ranks with FSDP2 (reward, SFT and PPO): "full_shard" (parameters, gradients and
     optimizer state; ZeRO-3) or "shard_grad_op" (parameters stay gathered between forward and backward; ZeRO-2),
     optionally followed by " auto_wrap" (each transformer block is always its own unit); None: DDP"""
 

@@ -22,6 +22,10 @@ generator (TRL: unseeded NumPy); behaviour logprobs are gathered during generati
 kept; the value model is saved and a run resumes exactly from a checkpoint (TRL can do neither, pitfalls 13-14);
 sample completions run on rank 0 with their own generator. PPO logs every update, so `logging_steps` and
 `eval_strategy` have no effect (as in TRL).
+
+Several ranks: DDP by default; `fsdp = "full_shard"` shards all four models with FSDP2 (TRL's PPO has DeepSpeed
+ZeRO-3 instead). Every forward then gathers each block's weights from all ranks, so sampling runs all
+response_length steps on every rank, and sample completions are computed on every rank.
 """
 
 import json
@@ -40,7 +44,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minirlhf import toytask
-from minirlhf.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from minirlhf.checkpoint import full_model_state, load_checkpoint, resolve_resume, save_checkpoint
 from minirlhf.common import (
     MetricsLogger,
     all_reduce,
@@ -51,6 +55,7 @@ from minirlhf.common import (
     print0,
     resolve_precision,
     seed_everything,
+    shard_model,
 )
 from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config, steps_from
 from minirlhf.data import collate_prompts, load_rows, prepare_prompt_dataset, prompt_batches
@@ -165,7 +170,6 @@ class PPOConfig(TrainingConfig):
         # PPO counts updates, not optimizer steps (TRL ignores both keys; we refuse rather than do nothing)
         require(self.max_steps == -1, "max_steps", "PPO's length is total_episodes (or num_train_epochs)")
         require(self.save_strategy != "epoch", "save_strategy", "PPO saves every save_steps updates ('steps') or 'no'")
-        require(self.fsdp is None, "fsdp", "PPO runs DDP; FSDP2 is implemented for reward and SFT training")
 
     def set_runtime_sizes(self, world_size: int, train_dataset_len: int, rank: int = 0) -> None:
         """Fill the runtime block from the number of ranks and prompts, as TRL's PPOTrainer.__init__ does."""
@@ -244,7 +248,7 @@ def sample_responses(policy: CausalLM, queries: torch.Tensor, args: PPOConfig, p
         with autocast(queries.device, precision):
             out = generate(policy, queries[i : i + args.local_rollout_forward_batch_size], pad_token_id,
                            args.response_length, temperature=args.temperature + 1e-7, top_k=0, top_p=1.0,
-                           stop_token_id=stop_token_id)
+                           stop_token_id=stop_token_id, early_stop=not args.fsdp)  # ranks sample different rows
         query_responses.append(out.query_responses)
         logprobs.append(out.logprobs)
     # a chunk whose rows all stopped early is shorter: right-pad it (TRL's batch_generation)
@@ -373,8 +377,11 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                 mb_padding_mask = batch["padding_mask"][micro_batch_inds]
                 mb_padding_mask_p1 = batch["padding_mask_p1"][micro_batch_inds]
 
-                # DDP averages gradients over ranks once per minibatch, on its last micro-batch
+                # DDP/FSDP average gradients over ranks once per minibatch, on its last micro-batch
                 last = gradient_accumulation_idx == len(micro_starts) - 1
+                if args.fsdp:
+                    for sharded in (model.policy, model.value_model):
+                        sharded.set_requires_gradient_sync(last)
                 with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
                     with autocast(device, precision):
                         # logits only where a response token is predicted (TRL projects every position)
@@ -538,10 +545,13 @@ def main(argv: list[str] | None = None) -> None:
         policy.load_state_dict(CausalLM.from_pretrained(str(resume), device=device, dtype=args.dtype).state_dict())
         value_model.load_state_dict(RewardModel.from_pretrained(str(resume / "value_model"), device=device,
                                                                 dtype=args.dtype).state_dict())
+    if args.fsdp:  # all four, in place; the optimizer is built on the shards
+        for m in (policy, value_model, ref_policy, reward_model):
+            shard_model(m, args.fsdp)
     model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    train_model = DDP(model) if ddp.world_size > 1 else model
+    train_model = DDP(model) if ddp.world_size > 1 and not args.fsdp else model
     torch.manual_seed(args.local_seed)  # TRL: each rank samples from its own seed
     state = load_checkpoint(resume, optimizer, ddp.rank) if resume is not None else {"global_step": 0}
 
@@ -584,18 +594,22 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(args.output_dir, update, {"": policy, "value_model": value_model}, tokenizer, optimizer,
                             {"global_step": update, "episode": episode}, config_to_toml(args), ddp.rank,
                             args.save_total_limit)
-        if ddp.is_main and eval_dataset and (update - 1) % args.sample_generations_freq == 0:
+        # rank 0 samples alone; sharded models need every rank, which then all compute the same completions
+        if (ddp.is_main or args.fsdp) and eval_dataset and (update - 1) % args.sample_generations_freq == 0:
             rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id, precision, 1)
-            log_completions(rows, update, args.output_dir)
+            if ddp.is_main:
+                log_completions(rows, update, args.output_dir)
 
     # ---- the policy (TRL's save_model), the value model (TRL drops it) and final completions (TRL ppo.py)
     logger.close()
+    weights = [full_model_state(m) for m in (policy, value_model)]  # collectives when FSDP-sharded
     if ddp.is_main:
-        policy.save_pretrained(args.output_dir)
+        policy.save_pretrained(args.output_dir, state_dict=weights[0])
         tokenizer.save_pretrained(args.output_dir)
-        value_model.save_pretrained(str(Path(args.output_dir) / "value_model"))
-        if eval_dataset:
-            rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id, precision)
+        value_model.save_pretrained(str(Path(args.output_dir) / "value_model"), state_dict=weights[1])
+    if (ddp.is_main or args.fsdp) and eval_dataset:
+        rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id, precision)
+        if ddp.is_main:
             log_completions(rows, args.num_total_batches, args.output_dir)
     cleanup_distributed()
 

@@ -10,7 +10,7 @@
 - bf16 autocast (bf16=true) stays within bf16 rounding of fp32 through rollouts and an update's gradient.
 - A run interrupted after its checkpoint and resumed ends bitwise equal to an uninterrupted one, in one process and
   under `torchrun --nproc_per_node=2`.
-- Two gloo ranks (DDP) equal one process on the same rollouts (fp64, 1e-10).
+- Two gloo ranks (DDP, or FSDP2) equal one process on the same rollouts (fp64, 1e-10).
 - The command line: `python -m minirlhf.ppo cfg.toml` runs, and bad data fails with a one-line error.
 
 transformers and trl are imported inside the tests that use them, so the DDP worker processes start fast.
@@ -34,7 +34,8 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minirlhf import ppo
-from minirlhf.common import cleanup_distributed
+from minirlhf.checkpoint import full_model_state
+from minirlhf.common import cleanup_distributed, shard_model
 from minirlhf.data import prompt_batches
 from minirlhf.hf import to_hf_tensors
 from minirlhf.losses import INVALID_LOGPROB
@@ -521,12 +522,14 @@ def test_max_grad_norm_clips_the_joint_gradient(tiny_models):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_run_and_resume_bitwise(toy_run, tmp_path):
-    """`torchrun --nproc_per_node=2 -m minirlhf.ppo`: 3 updates of 2 x 4 rollouts; a second run that starts from the
-    first one's checkpoint-1 alone (as if killed during update 2) ends with the same weights and metrics, bit for
-    bit: every rank restores its own sampling RNG and prompt position."""
+@pytest.mark.parametrize("fsdp", ["none", "full_shard"])
+def test_torchrun_two_ranks_run_and_resume_bitwise(toy_run, tmp_path, fsdp):
+    """`torchrun --nproc_per_node=2 -m minirlhf.ppo`, with DDP or with all four models sharded by FSDP2: 3 updates of
+    2 x 4 rollouts; a second run that starts from the first one's checkpoint-1 alone (as if killed during update 2)
+    ends with the same weights, metrics and sample completions, bit for bit: every rank restores its own sampling
+    RNG and prompt position."""
     folder, flags = toy_run
-    common = [*flags, "--total_episodes", "24", "--save_steps", "1", "--num_sample_generations", "0"]
+    common = [*flags, "--total_episodes", "24", "--save_steps", "1", "--num_sample_generations", "3", "--fsdp", fsdp]
 
     def torchrun(output_dir: Path, *extra: str) -> None:
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -534,6 +537,7 @@ def test_torchrun_two_ranks_run_and_resume_bitwise(toy_run, tmp_path):
                                 capture_output=True, text=True, timeout=300, cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("FSDP2 full_shard: rank 0 holds") == (4 if fsdp != "none" else 0)
 
     torchrun(tmp_path / "a")
     (tmp_path / "b").mkdir()
@@ -550,23 +554,31 @@ def test_torchrun_two_ranks_run_and_resume_bitwise(toy_run, tmp_path):
     resumed_metrics = read_jsonl(tmp_path / "b" / "metrics.jsonl")
     for ours, uninterrupted in zip(resumed_metrics, uninterrupted_metrics[1:], strict=True):
         assert {k: v for k, v in ours.items() if k != "eps"} == {k: v for k, v in uninterrupted.items() if k != "eps"}
+    completions = read_jsonl(tmp_path / "a" / "completions.jsonl")
+    assert [r["step"] for r in completions] == [1] * 4 + [2] * 4 + [3] * 4 + [3] * 16  # 3 updates, then all 16
+    assert read_jsonl(tmp_path / "b" / "completions.jsonl") == completions[4:]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Two ranks vs one process
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, folder: str, fsdp: str | None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     data = torch.load(Path(folder) / "rollouts.pt")
-    args = our_config(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    args = our_config(per_device_train_batch_size=2, gradient_accumulation_steps=2, fsdp=fsdp)
     args.set_runtime_sizes(world_size, 8, rank)
     model, optimizer, batch = ddp_setup(folder, data[rank], args)
-    stats = ppo.ppo_update(DDP(model), optimizer, batch, args, PAD, data[f"orders{rank}"])
+    if fsdp:  # shard, then build the optimizer on the shards, as ppo.main does
+        for m in (model.policy, model.value_model):
+            shard_model(m, fsdp)
+        optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
+    stats = ppo.ppo_update(model if fsdp else DDP(model), optimizer, batch, args, PAD, data[f"orders{rank}"])
     metrics = ppo.update_metrics(batch, stats, EOS)
+    state = full_model_state(model)  # a collective under FSDP
     if rank == 0:
-        torch.save({"state": model.state_dict(), "metrics": metrics}, Path(folder) / "ddp.pt")
+        torch.save({"state": state, "metrics": metrics}, Path(folder) / "ddp.pt")
     cleanup_distributed()
 
 
@@ -586,7 +598,8 @@ def ddp_setup(folder: str, rollouts: dict, args: ppo.PPOConfig):
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process(tiny_models, tmp_path):
+@pytest.mark.parametrize("fsdp", [None, "full_shard"])
+def test_two_ranks_match_one_process(tiny_models, tmp_path, fsdp):
     # Each rank holds 4 rollouts (per_device 2, GA 2) in 2 minibatches, one micro-batch each. One process with the
     # 8 rollouts, GA 4 and minibatches made of one minibatch from each rank steps on the same mean gradient.
     args = our_config(response_length=5)
@@ -606,7 +619,7 @@ def test_two_ranks_match_one_process(tiny_models, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    context = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
+    context = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path), fsdp), nprocs=2, join=False,
                                  start_method="spawn")
     deadline = time.time() + 60
     while not context.join(timeout=1):
