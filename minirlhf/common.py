@@ -60,6 +60,25 @@ def shard_model(model: torch.nn.Module, fsdp: str) -> None:
     print0(f"[minirlhf] FSDP2 {fsdp}: rank 0 holds {local:,} of {total:,} parameters")
 
 
+@contextlib.contextmanager
+def gathered_weights(model: torch.nn.Module, fsdp: str | None):
+    """An FSDP-sharded model's whole weights on every rank for a stretch of forwards, then sharded again (TRL's
+    ds3_gather_for_generation): sampling token by token then gathers once instead of once per token, and each rank
+    stops when its own rows are done. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.set_reshard_after_forward(fsdp.split()[0] == "full_shard", recurse=False)
+            m.reshard()
+
+
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be saving

@@ -66,15 +66,12 @@ def generate(
     stop_token_id: int | None = None,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
-    early_stop: bool = True,
 ) -> GenerationOutput:
     """Sample (or, with do_sample=False, greedily pick) up to max_new_tokens for each row of left-padded queries.
 
     Runs in the model's current mode (dropout stays as set). The prompt is prefilled once, then one token per step
     reads the cache. `generator` drives `torch.multinomial` (the global generator when None). Logprobs after a row's
     stop are those of the token sampled there, not of the pad written instead; PPO masks those positions anyway.
-    early_stop=False runs all max_new_tokens steps even when every row has finished: an FSDP-sharded model gathers
-    weights from every rank in each forward, so all ranks must run the same number of steps.
     """
     if queries.dim() != 2:
         raise ValueError(f"generate: queries must be (batch, context_length), got shape {tuple(queries.shape)}")
@@ -114,7 +111,7 @@ def generate(
         responses.append(next_token.masked_fill(finished, pad_token_id))
         if stop_token_id is not None:
             finished |= next_token == stop_token_id
-        if (early_stop and finished.all()) or step == max_new_tokens - 1:
+        if finished.all() or step == max_new_tokens - 1:
             break
         # Finished rows are fed their sampled token rather than the pad id (which may be outside the embedding);
         # whatever they compute is replaced by padding.

@@ -24,8 +24,8 @@ sample completions run on rank 0 with their own generator. PPO logs every update
 `eval_strategy` have no effect (as in TRL).
 
 Several ranks: DDP by default; `fsdp = "full_shard"` shards all four models with FSDP2 (TRL's PPO has DeepSpeed
-ZeRO-3 instead). Every forward then gathers each block's weights from all ranks, so sampling runs all
-response_length steps on every rank, and sample completions are computed on every rank.
+ZeRO-3 instead). Sampling gathers the whole policy on each rank first, as TRL's ds3_gather_for_generation does;
+the sharded reward model scores sample completions with every rank taking part, so every rank computes them.
 """
 
 import json
@@ -51,6 +51,7 @@ from minirlhf.common import (
     autocast,
     cleanup_distributed,
     gather,
+    gathered_weights,
     init_distributed,
     print0,
     resolve_precision,
@@ -245,10 +246,10 @@ def sample_responses(policy: CausalLM, queries: torch.Tensor, args: PPOConfig, p
     (B, T), gathered while sampling (TRL keeps the (B, T, vocab) scores and takes them afterwards)."""
     query_responses, logprobs = [], []
     for i in range(0, len(queries), args.local_rollout_forward_batch_size):
-        with autocast(queries.device, precision):
+        with gathered_weights(policy, args.fsdp), autocast(queries.device, precision):
             out = generate(policy, queries[i : i + args.local_rollout_forward_batch_size], pad_token_id,
                            args.response_length, temperature=args.temperature + 1e-7, top_k=0, top_p=1.0,
-                           stop_token_id=stop_token_id, early_stop=not args.fsdp)  # ranks sample different rows
+                           stop_token_id=stop_token_id)
         query_responses.append(out.query_responses)
         logprobs.append(out.logprobs)
     # a chunk whose rows all stopped early is shorter: right-pad it (TRL's batch_generation)
@@ -454,7 +455,7 @@ def sample_completions(policy: CausalLM, reward_model: RewardModel, tokenizer: T
     for start in range(0, len(eval_dataset) // batch_size * batch_size, batch_size)[:num_batches]:
         query = collate_prompts(eval_dataset[start : start + batch_size], pad_token_id)["input_ids"].to(device)
         context_length = query.shape[1]
-        with autocast(device, precision):
+        with gathered_weights(policy, args.fsdp), autocast(device, precision):
             out = generate(policy, query, pad_token_id, args.response_length, temperature=0.01 + 1e-7, top_k=0,
                            top_p=1.0, stop_token_id=stop_token_id, generator=generator)
         postprocessed_response = out.query_responses[:, context_length:]

@@ -31,12 +31,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minirlhf import ppo
 from minirlhf.checkpoint import full_model_state
-from minirlhf.common import cleanup_distributed, shard_model
+from minirlhf.common import cleanup_distributed, gathered_weights, shard_model
 from minirlhf.data import prompt_batches
+from minirlhf.generate import generate
 from minirlhf.hf import to_hf_tensors
 from minirlhf.losses import INVALID_LOGPROB
 from minirlhf.model import CausalLM, RewardModel
@@ -582,6 +584,46 @@ def _ddp_worker(rank: int, world_size: int, port: int, folder: str, fsdp: str | 
     cleanup_distributed()
 
 
+def _gathered_generation_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    whole = CausalLM.from_pretrained(str(Path(folder) / "policy"))
+    sharded = CausalLM.from_pretrained(str(Path(folder) / "policy"))
+    shard_model(sharded, "full_shard")
+    queries = torch.tensor([[PAD, 5, 6], [7, 8, 9]])
+    steps = 3 + 4 * rank  # the ranks stop at different steps: a forward that communicated would hang
+    with gathered_weights(sharded, "full_shard"):
+        ours = generate(sharded, queries, PAD, steps, do_sample=False)
+    reference = generate(whole, queries, PAD, steps, do_sample=False)
+    sharded(queries.masked_fill(queries == PAD, 0)).sum().backward()  # sharded again: training works as before
+    torch.save({"equal": torch.equal(ours.query_responses, reference.query_responses),
+                "sharded_grad": isinstance(sharded.lm_head.weight.grad, DTensor)}, Path(folder) / f"gen{rank}.pt")
+    cleanup_distributed()
+
+
+def run_two_ranks(worker, *args) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(worker, args=(2, port, *args), nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 60
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the workers did not finish within 60 s")
+
+
+@pytest.mark.slow
+def test_fsdp_sampling_gathers_the_policy(tiny_models, tmp_path):
+    """Under FSDP, sampling runs on the whole, gathered policy: the same tokens as an unsharded copy, ranks stopping
+    at different steps without waiting for each other, and the model sharded again afterwards."""
+    os.symlink(tiny_models / "policy", tmp_path / "policy")
+    run_two_ranks(_gathered_generation_worker, str(tmp_path))
+    for rank in range(2):
+        assert torch.load(tmp_path / f"gen{rank}.pt") == {"equal": True, "sharded_grad": True}
+
+
 def ddp_setup(folder: str, rollouts: dict, args: ppo.PPOConfig):
     """Float64 models from the tiny folders and the post-processed rollouts (one rank's, or both concatenated)."""
     load = dict(dtype=torch.float64)
@@ -616,17 +658,7 @@ def test_two_ranks_match_one_process(tiny_models, tmp_path, fsdp):
         os.symlink(tiny_models / name, tmp_path / name)
     torch.save(data, tmp_path / "rollouts.pt")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path), fsdp), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.time() + 60
-    while not context.join(timeout=1):
-        if time.time() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the DDP workers did not finish within 60 s")
+    run_two_ranks(_ddp_worker, str(tmp_path), fsdp)
     ddp = torch.load(tmp_path / "ddp.pt")
 
     single = our_config(per_device_train_batch_size=2, gradient_accumulation_steps=4)
