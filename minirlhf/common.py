@@ -1,4 +1,4 @@
-"""What every entry point needs around its loop: processes and devices, seeding, precision, and logging.
+"""What every entry point needs around its loop: processes and devices, FSDP2 sharding, seeding, precision, logging.
 
 `init_distributed()` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); without it the same code runs as
 one plain process. Only rank 0 prints and writes files. Metrics go to `output_dir/metrics.jsonl` (one JSON object
