@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minirlhf.config import require
+
 
 @dataclass
 class Dist:
@@ -41,6 +43,12 @@ def init_distributed() -> Dist:
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     return Dist(rank, local_rank, world, device)
+
+
+def require_torchrun_for_fsdp(fsdp: str | None) -> None:
+    """FSDP shards over the processes torchrun starts; asked for in a plain process, it is a one-line config error."""
+    require(not fsdp or dist.is_initialized(), "fsdp",
+            "needs several processes: launch with torchrun --nproc_per_node=N, or leave fsdp unset")
 
 
 def shard_model(model: torch.nn.Module, fsdp: str) -> None:

@@ -54,6 +54,7 @@ from minirlhf.common import (
     gathered_weights,
     init_distributed,
     print0,
+    require_torchrun_for_fsdp,
     resolve_precision,
     seed_everything,
     shard_model,
@@ -535,6 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     device, precision = ddp.device, resolve_precision(args.bf16, args.fp16, ddp.device)
     seed_everything(args.seed)
     try:
+        require_torchrun_for_fsdp(args.fsdp)
         tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model = load(args, ddp)
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     except ValueError as e:  # bad data, model folder or checkpoint: one line, exit code 2, like a bad config

@@ -30,6 +30,7 @@ from minirlhf.common import (
     cleanup_distributed,
     init_distributed,
     print0,
+    require_torchrun_for_fsdp,
     resolve_precision,
     seed_everything,
     shard_model,
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config_or_exit(RewardConfig, argv)
     env = init_distributed()
     try:
+        require_torchrun_for_fsdp(cfg.fsdp)
         model, tokenizer, train_set, eval_set = load(cfg, env.device)
         resume_dir = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     except ValueError as e:  # bad data, model folder or checkpoint: one line, exit code 2, like a bad config

@@ -30,6 +30,7 @@ from minirlhf.common import (
     autocast,
     cleanup_distributed,
     init_distributed,
+    require_torchrun_for_fsdp,
     resolve_precision,
     seed_everything,
     shard_model,
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     device, precision = ddp.device, resolve_precision(args.bf16, args.fp16, ddp.device)
     seed_everything(args.seed)
     try:
+        require_torchrun_for_fsdp(args.fsdp)
         require(args.model_name_or_path is not None, "model_name_or_path", "is required")
         require(args.dataset_name is not None, "dataset_name", "is required")
         tokenizer = Tokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision)

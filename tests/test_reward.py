@@ -216,3 +216,17 @@ def test_cli_bad_data_row(tmp_path, data_dir):
     assert result.returncode == 2, result.stderr
     error = result.stderr.strip().splitlines()
     assert len(error) == 1 and "train" in error[0] and "row 5" in error[0] and "rejected" in error[0], error
+
+
+@pytest.mark.parametrize("fsdp, error", [
+    ("full_shard", "error: fsdp: needs several processes: launch with torchrun --nproc_per_node=N, or leave fsdp "
+                   "unset"),
+    ("full_shard offload", "error: command line: fsdp: 'full_shard offload' is not one of ('full_shard', "
+                           "'shard_grad_op'), optionally with 'auto_wrap' (no offload, no hybrid)"),
+])
+def test_cli_fsdp_errors(tmp_path, data_dir, fsdp, error):
+    """FSDP outside torchrun, and FSDP options minirlhf does not implement: exit code 2, one line."""
+    model_dir = write_model(tmp_path / "model")
+    result = run_cli(f"--model_name_or_path={model_dir}", f"--dataset_name={data_dir}",
+                     f"--output_dir={tmp_path / 'out'}", "--fsdp", fsdp)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [error], result.stderr
