@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minirlhf.config import require
 
@@ -51,21 +52,40 @@ def require_torchrun_for_fsdp(fsdp: str | None) -> None:
             "needs several processes: launch with torchrun --nproc_per_node=N, or leave fsdp unset")
 
 
+def reshards_after_forward(fsdp: str) -> bool:
+    """"full_shard" (ZeRO-3) frees gathered parameters after each forward; "shard_grad_op" (ZeRO-2) keeps them."""
+    return fsdp.split()[0] == "full_shard"
+
+
 def shard_model(model: torch.nn.Module, fsdp: str) -> None:
     """FSDP2, in place: each transformer block is one unit (its parameters gathered for its forward and backward
     only), the embeddings, final norm and head a last one; gradients are averaged over ranks and kept sharded.
-    "full_shard" frees each block's gathered parameters after its forward (ZeRO-3), "shard_grad_op" keeps them
-    until backward (ZeRO-2). Build the optimizer afterwards: the parameters become DTensor shards."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    Build the optimizer afterwards: the parameters become DTensor shards."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # here: the import takes ~0.6 s
 
-    reshard = fsdp.split()[0] == "full_shard"
+    reshard = reshards_after_forward(fsdp)
     for block in model.transformer.blocks:
         fully_shard(block, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
     if hasattr(model, "token_scores"):  # PPO's value and reward models are called through it, not forward()
         register_fsdp_forward_method(model, "token_scores")
-    local, total = (sum(f(p) for p in model.parameters()) for f in (lambda p: p.to_local().numel(), torch.numel))
+    local = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
     print0(f"[minirlhf] FSDP2 {fsdp}: rank 0 holds {local:,} of {total:,} parameters")
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Context for one micro-batch's forward and backward: gradients are averaged over ranks only when `sync`, on
+    the last micro-batch of an optimizer step. DDP defers with no_sync(); FSDP2 with set_requires_gradient_sync."""
+    if isinstance(model, DDP):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if dist.is_initialized():  # FSDP runs under torchrun only; a plain process skips the slow import
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_requires_gradient_sync(sync, recurse=False)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -73,9 +93,12 @@ def gathered_weights(model: torch.nn.Module, fsdp: str | None):
     """An FSDP-sharded model's whole weights on every rank for a stretch of forwards, then sharded again (TRL's
     ds3_gather_for_generation): sampling token by token then gathers once instead of once per token, and each rank
     stops when its own rows are done. A no-op without FSDP."""
+    if not fsdp:
+        yield
+        return
     from torch.distributed.fsdp import FSDPModule
 
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in modules:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
@@ -83,7 +106,7 @@ def gathered_weights(model: torch.nn.Module, fsdp: str | None):
         yield
     finally:
         for m in modules:
-            m.set_reshard_after_forward(fsdp.split()[0] == "full_shard", recurse=False)
+            m.set_reshard_after_forward(reshards_after_forward(fsdp), recurse=False)
             m.reshard()
 
 

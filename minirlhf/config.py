@@ -18,6 +18,7 @@ Usage:
 """
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -272,6 +273,17 @@ def parse_config_or_exit(cls: type[C], argv: list[str] | None = None) -> C:
     try:
         return parse_config(cls, sys.argv[1:] if argv is None else argv)
     except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def exit_on_bad_input():
+    """Around a `main()`'s loading: a ValueError (bad data, model folder or checkpoint) prints `error: ...` on one
+    line and exits with status 2, as a bad config does."""
+    try:
+        yield
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

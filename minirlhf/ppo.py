@@ -30,9 +30,7 @@ the sharded reward model scores sample completions with every rank taking part, 
 
 import json
 import math
-import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -52,6 +50,7 @@ from minirlhf.common import (
     cleanup_distributed,
     gather,
     gathered_weights,
+    gradient_sync,
     init_distributed,
     print0,
     require_torchrun_for_fsdp,
@@ -59,7 +58,15 @@ from minirlhf.common import (
     seed_everything,
     shard_model,
 )
-from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config, steps_from
+from minirlhf.config import (
+    TrainingConfig,
+    config_to_toml,
+    exit_on_bad_input,
+    parse_config_or_exit,
+    require,
+    save_config,
+    steps_from,
+)
 from minirlhf.data import collate_prompts, load_rows, prepare_prompt_dataset, prompt_batches
 from minirlhf.generate import generate
 from minirlhf.losses import (
@@ -246,13 +253,14 @@ def sample_responses(policy: CausalLM, queries: torch.Tensor, args: PPOConfig, p
     local_rollout_forward_batch_size. Returns query_responses (B, context_length + T) and the behaviour logprobs
     (B, T), gathered while sampling (TRL keeps the (B, T, vocab) scores and takes them afterwards)."""
     query_responses, logprobs = [], []
-    for i in range(0, len(queries), args.local_rollout_forward_batch_size):
-        with gathered_weights(policy, args.fsdp), autocast(queries.device, precision):
-            out = generate(policy, queries[i : i + args.local_rollout_forward_batch_size], pad_token_id,
-                           args.response_length, temperature=args.temperature + 1e-7, top_k=0, top_p=1.0,
-                           stop_token_id=stop_token_id)
-        query_responses.append(out.query_responses)
-        logprobs.append(out.logprobs)
+    with gathered_weights(policy, args.fsdp):  # FSDP: the whole policy on every rank, once for all chunks
+        for i in range(0, len(queries), args.local_rollout_forward_batch_size):
+            with autocast(queries.device, precision):
+                out = generate(policy, queries[i : i + args.local_rollout_forward_batch_size], pad_token_id,
+                               args.response_length, temperature=args.temperature + 1e-7, top_k=0, top_p=1.0,
+                               stop_token_id=stop_token_id)
+            query_responses.append(out.query_responses)
+            logprobs.append(out.logprobs)
     # a chunk whose rows all stopped early is shorter: right-pad it (TRL's batch_generation)
     width = max(qr.shape[1] for qr in query_responses)
     query_responses = [F.pad(qr, (0, width - qr.shape[1]), value=pad_token_id) for qr in query_responses]
@@ -348,7 +356,7 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                pad_token_id: int, minibatch_orders: list[torch.Tensor],
                precision: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """PPO epochs (§5.6) over `batch` from compute_advantages, with one permutation of its rows per epoch.
-    `model` is a PolicyAndValue, DDP-wrapped or not. Returns each statistic per micro-batch, shaped
+    `model` is a PolicyAndValue: plain, DDP-wrapped or FSDP-sharded. Returns each statistic per micro-batch, shaped
     (num_ppo_epochs, num_mini_batches, micro-batches per minibatch).
 
     Each minibatch of local_mini_batch_size rows is split into micro-batches of per_device_train_batch_size whose
@@ -381,10 +389,7 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
 
                 # DDP/FSDP average gradients over ranks once per minibatch, on its last micro-batch
                 last = gradient_accumulation_idx == len(micro_starts) - 1
-                if args.fsdp:
-                    for sharded in (model.policy, model.value_model):
-                        sharded.set_requires_gradient_sync(last)
-                with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
+                with gradient_sync(model, last):
                     with autocast(device, precision):
                         # logits only where a response token is predicted (TRL projects every position)
                         output, vpred_temp = model(*model_inputs(mb_query_responses, pad_token_id),
@@ -453,22 +458,23 @@ def sample_completions(policy: CausalLM, reward_model: RewardModel, tokenizer: T
     generator = torch.Generator(device).manual_seed(args.seed)  # own stream: the training RNG is left as it was
     batch_size, pad_token_id = args.per_device_eval_batch_size, tokenizer.pad_token_id
     rows = []
-    for start in range(0, len(eval_dataset) // batch_size * batch_size, batch_size)[:num_batches]:
-        query = collate_prompts(eval_dataset[start : start + batch_size], pad_token_id)["input_ids"].to(device)
-        context_length = query.shape[1]
-        with gathered_weights(policy, args.fsdp), autocast(device, precision):
-            out = generate(policy, query, pad_token_id, args.response_length, temperature=0.01 + 1e-7, top_k=0,
-                           top_p=1.0, stop_token_id=stop_token_id, generator=generator)
-        postprocessed_response = out.query_responses[:, context_length:]
-        if stop_token_id is not None:
-            postprocessed_response = truncate_response(stop_token_id, pad_token_id, postprocessed_response)
-        with autocast(device, precision):
-            _, score, _ = get_reward(reward_model, torch.cat((query, postprocessed_response), 1), pad_token_id,
-                                     context_length)
-        queries = tokenizer.batch_decode(query.tolist(), skip_special_tokens=True)
-        responses = tokenizer.batch_decode(postprocessed_response.tolist())  # special tokens kept, as TRL
-        rows += [{"query": q, "response": r, "score": s}
-                 for q, r, s in zip(queries, responses, score.float().tolist(), strict=True)]
+    with gathered_weights(policy, args.fsdp):  # FSDP: the whole policy for generating; the reward model stays sharded
+        for start in range(0, len(eval_dataset) // batch_size * batch_size, batch_size)[:num_batches]:
+            query = collate_prompts(eval_dataset[start : start + batch_size], pad_token_id)["input_ids"].to(device)
+            context_length = query.shape[1]
+            with autocast(device, precision):
+                out = generate(policy, query, pad_token_id, args.response_length, temperature=0.01 + 1e-7, top_k=0,
+                               top_p=1.0, stop_token_id=stop_token_id, generator=generator)
+            postprocessed_response = out.query_responses[:, context_length:]
+            if stop_token_id is not None:
+                postprocessed_response = truncate_response(stop_token_id, pad_token_id, postprocessed_response)
+            with autocast(device, precision):
+                _, score, _ = get_reward(reward_model, torch.cat((query, postprocessed_response), 1), pad_token_id,
+                                         context_length)
+            queries = tokenizer.batch_decode(query.tolist(), skip_special_tokens=True)
+            responses = tokenizer.batch_decode(postprocessed_response.tolist())  # special tokens kept, as TRL
+            rows += [{"query": q, "response": r, "score": s}
+                     for q, r, s in zip(queries, responses, score.float().tolist(), strict=True)]
     if args.toytask_gold_score:
         for row in rows:
             row["gold_score"] = toytask.gold_score(row["query"], row["response"])
@@ -535,13 +541,10 @@ def main(argv: list[str] | None = None) -> None:
     ddp = init_distributed()
     device, precision = ddp.device, resolve_precision(args.bf16, args.fp16, ddp.device)
     seed_everything(args.seed)
-    try:
+    with exit_on_bad_input():
         require_torchrun_for_fsdp(args.fsdp)
         tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model = load(args, ddp)
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    except ValueError as e:  # bad data, model folder or checkpoint: one line, exit code 2, like a bad config
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     stop_token_id = eos_token_id if args.stop_token == "eos" else args.stop_token_id
     if resume is not None:  # loaded over the starting models, so any new score head drew the same random numbers

@@ -13,7 +13,6 @@ never runs Hub code), `dataset_num_proc` (tokenization runs in the main process;
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from minirlhf.common import (
     all_reduce,
     autocast,
     cleanup_distributed,
+    gradient_sync,
     init_distributed,
     print0,
     require_torchrun_for_fsdp,
@@ -35,7 +35,15 @@ from minirlhf.common import (
     seed_everything,
     shard_model,
 )
-from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config, steps_from
+from minirlhf.config import (
+    TrainingConfig,
+    config_to_toml,
+    exit_on_bad_input,
+    parse_config_or_exit,
+    require,
+    save_config,
+    steps_from,
+)
 from minirlhf.data import collate_preference, load_rows, prepare_preference_dataset, shuffled_order
 from minirlhf.losses import reward_loss, reward_metrics
 from minirlhf.model import RewardModel, disable_dropout
@@ -163,13 +171,10 @@ def evaluate(model, eval_set: list[dict], cfg: RewardConfig, env, amp_dtype, pad
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config_or_exit(RewardConfig, argv)
     env = init_distributed()
-    try:
+    with exit_on_bad_input():
         require_torchrun_for_fsdp(cfg.fsdp)
         model, tokenizer, train_set, eval_set = load(cfg, env.device)
         resume_dir = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-    except ValueError as e:  # bad data, model folder or checkpoint: one line, exit code 2, like a bad config
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     amp_dtype = resolve_precision(cfg.bf16, cfg.fp16, env.device)
     output_dir, pad_token_id = Path(cfg.output_dir), tokenizer.pad_token_id
     if env.is_main:
@@ -235,10 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                     [train_set[j] for j in indices], pad_token_id, cfg.pad_to_multiple_of).items()}
                 # gradients are averaged over ranks once per optimizer step, in the last micro-batch's backward
                 last = i == len(groups[g]) - 1
-                no_sync = train_model.no_sync if isinstance(train_model, DDP) and not last else contextlib.nullcontext
-                if cfg.fsdp:
-                    train_model.set_requires_gradient_sync(last)
-                with no_sync(), offload():
+                with gradient_sync(train_model, last), offload():
                     with autocast(env.device, amp_dtype):
                         rewards = train_model(batch["input_ids"], batch["attention_mask"]).squeeze(-1).float()  # (2B,)
                     rewards_chosen, rewards_rejected = rewards.chunk(2)  # (B,), (B,)

@@ -14,8 +14,6 @@ last round of batches is dropped in each epoch (accelerate would wrap around to 
 
 import itertools
 import math
-import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +27,22 @@ from minirlhf.common import (
     all_reduce,
     autocast,
     cleanup_distributed,
+    gradient_sync,
     init_distributed,
     require_torchrun_for_fsdp,
     resolve_precision,
     seed_everything,
     shard_model,
 )
-from minirlhf.config import TrainingConfig, config_to_toml, parse_config_or_exit, require, save_config, steps_from
+from minirlhf.config import (
+    TrainingConfig,
+    config_to_toml,
+    exit_on_bad_input,
+    parse_config_or_exit,
+    require,
+    save_config,
+    steps_from,
+)
 from minirlhf.data import collate_sft, load_rows, prepare_sft_dataset, shuffled_order
 from minirlhf.model import CausalLM
 from minirlhf.optim import AdamW, lr_multiplier, param_groups, schedule_kwargs, set_lr, warmup_steps_from
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ddp = init_distributed()
     device, precision = ddp.device, resolve_precision(args.bf16, args.fp16, ddp.device)
     seed_everything(args.seed)
-    try:
+    with exit_on_bad_input():
         require_torchrun_for_fsdp(args.fsdp)
         require(args.model_name_or_path is not None, "model_name_or_path", "is required")
         require(args.dataset_name is not None, "dataset_name", "is required")
@@ -83,9 +90,6 @@ def main(argv: list[str] | None = None) -> None:
         source = f"{args.dataset_name} [{args.dataset_train_split}]"
         examples, n_dropped = prepare_sft_dataset(rows, tokenizer, args.max_length, source=source)
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    except ValueError as e:  # bad data, model folder or checkpoint: one line, exit code 2, like a bad config
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     model = CausalLM.from_pretrained(str(resume or args.model_name_or_path), revision=args.model_revision,
                                      dtype=args.dtype, device=device)
     model.transformer.gradient_checkpointing = args.gradient_checkpointing
@@ -134,9 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             step_loss = 0.0
             for i, b in enumerate(batches):
                 last = i == len(batches) - 1  # gradients are averaged over ranks in the last backward only
-                if args.fsdp:
-                    train_model.set_requires_gradient_sync(last)
-                with train_model.no_sync() if isinstance(train_model, DDP) and not last else nullcontext():
+                with gradient_sync(train_model, last):
                     with autocast(device, precision):
                         logits = train_model(b["input_ids"].to(device), b["attention_mask"].to(device))
                     # DDP/FSDP average over ranks; the world_size factor makes it a mean over all ranks' tokens
