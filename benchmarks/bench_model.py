@@ -38,7 +38,7 @@ import transformers
 
 from minirlhf import CausalLM
 from minirlhf.generate import generate
-from minirlhf.hf import config_from_hf
+from minirlhf.hf import config_from_hf, load_pretrained
 from minirlhf.model import init_weights
 
 MODELS = {  # name -> (model_type, transformers config fields)
@@ -81,7 +81,7 @@ def build_all(name: str) -> dict:
         model.generation_config.eos_token_id = None  # no early stop: both sides generate every token
     with tempfile.TemporaryDirectory() as folder:
         eager.save_pretrained(folder)
-        ours = CausalLM.from_pretrained(folder)
+        ours = load_pretrained(CausalLM, folder)
     return {"ours": ours, "hf-eager": eager, "hf-sdpa": sdpa}
 
 

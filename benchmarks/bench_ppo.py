@@ -64,9 +64,10 @@ def build(folder: Path) -> None:
 
 def run_ours(folder: Path, precision: torch.dtype | None) -> tuple[list[float], float, int]:
     """Update wall times, sampling seconds and sampled tokens of minirlhf's loop (ppo.main's steps 1-2)."""
-    from minirlhf import ppo
+    from minirlhf import ppo, rollout
     from minirlhf.data import prompt_batches
-    from minirlhf.model import CausalLM, RewardModel
+    from minirlhf.hf import load_pretrained
+    from minirlhf.model import CausalLM, PolicyAndValue, RewardModel
     from minirlhf.optim import AdamW, param_groups
     from minirlhf.tokenizer import Tokenizer
 
@@ -76,16 +77,16 @@ def run_ours(folder: Path, precision: torch.dtype | None) -> tuple[list[float], 
                          learning_rate=1e-5, max_grad_norm=0, gradient_checkpointing=False)
     args.set_runtime_sizes(1, len(prompts))
     pad = Tokenizer.from_pretrained(folder / "policy").pad_token_id
-    policy, ref_policy = (CausalLM.from_pretrained(str(folder / "policy")) for _ in range(2))
-    value_model, reward_model = (RewardModel.from_pretrained(str(folder / "reward")) for _ in range(2))
-    model = ppo.PolicyAndValue(policy, value_model).train()
+    policy, ref_policy = (load_pretrained(CausalLM, str(folder / "policy")) for _ in range(2))
+    value_model, reward_model = (load_pretrained(RewardModel, str(folder / "reward")) for _ in range(2))
+    model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
     batches = prompt_batches(prompts, args.local_batch_size, pad, args.seed, 0, 1)
     times, sampling, tokens = [], 0.0, 0
     for update in range(1, args.num_total_batches + 1):
         start = time.perf_counter()
         queries = next(batches)
-        query_responses, logprobs = ppo.sample_responses(policy, queries, args, pad, None, precision)
+        query_responses, logprobs = rollout.sample_responses(policy, queries, args, pad, None, precision)
         sampling += time.perf_counter() - start if update > 1 else 0.0
         tokens += query_responses[:, queries.shape[1]:].numel() if update > 1 else 0
         rollouts = ppo.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs,

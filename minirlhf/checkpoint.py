@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+from minirlhf.hf import load_pretrained, save_pretrained
+from minirlhf.parallel import full_model_state, full_optimizer_state, load_optimizer_state
 
 
 def rng_state() -> dict:
@@ -38,34 +40,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def full_tensor(t):
-    """An FSDP shard (DTensor) gathered whole, on CPU; anything else as it is. Gathering is a collective: every rank
-    calls it, for the same tensors in the same order. Callers gather one tensor at a time, so an accelerator never
-    holds more than one whole tensor (every rank collects the whole state in CPU memory)."""
-    return t.full_tensor().cpu() if isinstance(t, DTensor) else t
-
-
-def full_model_state(model: torch.nn.Module) -> dict:
-    return {name: full_tensor(t) for name, t in model.state_dict().items()}
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    state = optimizer.state_dict()
-    return {**state, "state": {i: {k: full_tensor(v) for k, v in s.items()} for i, s in state["state"].items()}}
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full optimizer state, each moment sharded like its parameter where the model is FSDP-sharded."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict()'s numbering
-    for i, param_state in state["state"].items():
-        param = params[i]
-        if isinstance(param, DTensor):
-            for key, value in param_state.items():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    param_state[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-    optimizer.load_state_dict(state)
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -108,7 +82,7 @@ def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, s
     optimizer_state = full_optimizer_state(optimizer)
     if rank == 0:
         for sub, model in models.items():
-            model.save_pretrained(str(tmp / sub), state_dict=weights[sub])
+            save_pretrained(model, str(tmp / sub), state_dict=weights[sub])
         tokenizer.save_pretrained(str(tmp))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -126,8 +100,18 @@ def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, s
         dist.barrier()
 
 
+def load_checkpoint_weights(path: Path, models: dict) -> None:
+    """Load each model of `models` (subfolder -> model, as save_checkpoint takes them) from checkpoint `path`, over
+    the starting weights, so that a new score head has drawn the same random numbers as in the first run."""
+    for sub, model in models.items():
+        param = next(model.parameters())
+        trained = load_pretrained(type(model), str(path / sub), dtype=param.dtype, device=param.device)
+        model.load_state_dict(trained.state_dict())
+
+
 def load_checkpoint(path: Path, optimizer, rank: int = 0) -> dict:
-    """Restore the optimizer and this rank's RNG state; return trainer_state (the caller loads the weights)."""
+    """Restore the optimizer and this rank's RNG state; return trainer_state (load_checkpoint_weights loads the
+    weights, before the models are sharded)."""
     load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     rng_file = path / f"rng_state_{rank}.pth"
     if rng_file.exists():

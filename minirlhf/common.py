@@ -1,4 +1,4 @@
-"""What every entry point needs around its loop: processes and devices, FSDP2 sharding, seeding, precision, logging.
+"""What every entry point needs around its loop: processes and devices, seeding, precision, collectives, logging.
 
 `init_distributed()` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); without it the same code runs as
 one plain process. Only rank 0 prints and writes files. Metrics go to `output_dir/metrics.jsonl` (one JSON object
@@ -16,9 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-from minirlhf.config import require
 
 
 @dataclass
@@ -44,70 +41,6 @@ def init_distributed() -> Dist:
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     return Dist(rank, local_rank, world, device)
-
-
-def require_torchrun_for_fsdp(fsdp: str | None) -> None:
-    """FSDP shards over the processes torchrun starts; asked for in a plain process, it is a one-line config error."""
-    require(not fsdp or dist.is_initialized(), "fsdp",
-            "needs several processes: launch with torchrun --nproc_per_node=N, or leave fsdp unset")
-
-
-def reshards_after_forward(fsdp: str) -> bool:
-    """"full_shard" (ZeRO-3) frees gathered parameters after each forward; "shard_grad_op" (ZeRO-2) keeps them."""
-    return fsdp.split()[0] == "full_shard"
-
-
-def shard_model(model: torch.nn.Module, fsdp: str) -> None:
-    """FSDP2, in place: each transformer block is one unit (its parameters gathered for its forward and backward
-    only), the embeddings, final norm and head a last one; gradients are averaged over ranks and kept sharded.
-    Build the optimizer afterwards: the parameters become DTensor shards."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # here: the import takes ~0.6 s
-
-    reshard = reshards_after_forward(fsdp)
-    for block in model.transformer.blocks:
-        fully_shard(block, reshard_after_forward=reshard)
-    fully_shard(model, reshard_after_forward=reshard)
-    if hasattr(model, "token_scores"):  # PPO's value and reward models are called through it, not forward()
-        register_fsdp_forward_method(model, "token_scores")
-    local = sum(p.to_local().numel() for p in model.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    print0(f"[minirlhf] FSDP2 {fsdp}: rank 0 holds {local:,} of {total:,} parameters")
-
-
-def gradient_sync(model: torch.nn.Module, sync: bool):
-    """Context for one micro-batch's forward and backward: gradients are averaged over ranks only when `sync`, on
-    the last micro-batch of an optimizer step. DDP defers with no_sync(); FSDP2 with set_requires_gradient_sync."""
-    if isinstance(model, DDP):
-        return contextlib.nullcontext() if sync else model.no_sync()
-    if dist.is_initialized():  # FSDP runs under torchrun only; a plain process skips the slow import
-        from torch.distributed.fsdp import FSDPModule
-
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                m.set_requires_gradient_sync(sync, recurse=False)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def gathered_weights(model: torch.nn.Module, fsdp: str | None):
-    """An FSDP-sharded model's whole weights on every rank for a stretch of forwards, then sharded again (TRL's
-    ds3_gather_for_generation): sampling token by token then gathers once instead of once per token, and each rank
-    stops when its own rows are done. A no-op without FSDP."""
-    if not fsdp:
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in modules:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.set_reshard_after_forward(reshards_after_forward(fsdp), recurse=False)
-            m.reshard()
 
 
 def cleanup_distributed() -> None:
@@ -137,7 +70,7 @@ def seed_everything(seed: int) -> None:
 def resolve_precision(bf16: bool | None, fp16: bool, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. TRL's default bf16=None means "bf16 if the hardware has it".
 
-    Departure from TRL, which defaults to bf16 and crashes on CPU (spec §1.1): on CPU the automatic choice is fp32
+    Departure from TRL, whose _BaseConfig defaults to bf16=True and crashes on CPU: on CPU the automatic choice is fp32
     (exact parity, and what TRL users get with use_cpu=True and bf16=False); bf16=true asks for CPU autocast.
     """
     if fp16:
@@ -177,24 +110,27 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 class MetricsLogger:
     """Rank 0 writes each log event to metrics.jsonl, the console (via tqdm) and optionally TensorBoard."""
 
-    def __init__(self, output_dir: str, report_to: str | list, is_main: bool, total_steps: int, disable_tqdm=None):
+    def __init__(self, args, is_main: bool, total_steps: int, done_steps: int = 0):
+        """`args`: a TrainingConfig (output_dir, report_to, disable_tqdm, run_name); the bar starts at done_steps."""
         self.is_main = is_main
         self.file = self.writer = self.bar = None
         if not is_main:
             return
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self.file = open(Path(output_dir) / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
-        if "tensorboard" in targets or "all" in targets:
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        run_name = args.run_name or output_dir.name
+        if args.report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 msg = "report_to = 'tensorboard' needs TensorBoard: pip install 'minirlhf[tensorboard]'"
                 raise ImportError(msg) from None
-            self.writer = SummaryWriter(str(Path(output_dir) / "runs"))
+            self.writer = SummaryWriter(str(output_dir / "runs" / run_name))
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total_steps, disable=disable_tqdm, dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=done_steps, disable=args.disable_tqdm, dynamic_ncols=True,
+                        desc=run_name)
         self.tqdm_write = tqdm.write
 
     def update(self, steps: int = 1) -> None:

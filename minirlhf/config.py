@@ -8,8 +8,10 @@ syntax alone (`learning_rate: 1.0e-5` -> `learning_rate = 1.0e-5`, strings quote
 "none" (or "null") sets an optional field to None, in a file as on the command line.
 
 References: transformers 5.23 `TrainingArguments` (training_args.py) with TRL's `_BaseConfig` overrides
-(trl/trainer/base_config.py), TRL's `ModelConfig` and `ScriptArguments` (spec §1.1, §1.3, §6).
-bf16 "auto" is resolved by `common.resolve_precision`, not here: it depends on the device.
+(trl/trainer/base_config.py), TRL's `ModelConfig` (trl/trainer/model_config.py) and `ScriptArguments`
+(trl/scripts/utils.py). bf16 "auto" is resolved by `common.resolve_precision`, not here: it depends on the device.
+A TrainingArguments field that a trainer does not use is listed in its `unused` and refused unless left at its
+default, rather than silently ignored.
 
 Usage:
 
@@ -21,9 +23,9 @@ import ast
 import contextlib
 import dataclasses
 import difflib
+import importlib
 import inspect
 import json
-import math
 import os
 import re
 import sys
@@ -56,6 +58,21 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def import_function(spec: str, key: str):
+    """The function named by "package.module:function", imported like any local module (never code from a model or
+    dataset folder); a ConfigError naming `key` if it cannot be."""
+    module_name, _, name = spec.partition(":")
+    if not (module_name and name):
+        raise ConfigError(f"{key}: {spec!r} is not of the form 'package.module:function'", key)
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{key}: cannot import {spec!r} ({type(e).__name__}: {e})", key) from None
+    if not callable(function):
+        raise ConfigError(f"{key}: {spec!r} is not a function", key)
+    return function
+
+
 def require(ok: bool, key: str, problem: str) -> None:
     """Raise ConfigError("key: problem") unless `ok`; __post_init__ checks use it so the message names the key."""
     if not ok:
@@ -72,6 +89,8 @@ class TrainingConfig:
 
     trl_defaults_only: ClassVar[dict[str, object]] = {}
     """TRL keys minirlhf does not implement, accepted only at TRL's default value (where they do nothing)."""
+    unused: ClassVar[dict[str, str]] = {}
+    """Fields below that this trainer does not read, each with the reason: an error unless left at the default."""
 
     # ---- model and data (TRL ModelConfig and ScriptArguments)
     model_name_or_path: str | None = None
@@ -166,7 +185,11 @@ class TrainingConfig:
     optionally followed by " auto_wrap" (each transformer block is always its own unit); None: DDP"""
 
     def __post_init__(self):
-        # The checks of TrainingArguments.__post_init__/_validate_args (spec §1.3), as one-line errors.
+        # Fields this trainer does not use: refused unless left at the default (before any default is filled in below)
+        for f in dataclasses.fields(self):
+            if f.name in self.unused:
+                require(getattr(self, f.name) == f.default, f.name, f"{self.unused[f.name]}; leave it unset")
+        # The checks of TrainingArguments.__post_init__ and _validate_args (training_args.py), as one-line errors.
         self.output_dir = os.path.expanduser(self.output_dir)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)!r}")
@@ -201,11 +224,6 @@ class TrainingConfig:
                 f"{self.fsdp!r} is not one of {FSDP_MODES}, optionally with 'auto_wrap' (no offload, no hybrid)")
         require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
                 f"must be >= 1 or none, got {self.save_total_limit!r}")
-
-
-def steps_from(value: float, total_steps: int) -> int:
-    """logging/eval/save steps: a count, or a fraction of the total (transformers rounds the fraction up)."""
-    return math.ceil(total_steps * value) if value < 1 else int(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -304,7 +322,7 @@ def _options(tp) -> tuple:
 
 
 def _type_name(tp) -> str:
-    return " | ".join("None" if t is type(None) else t.__name__ for t in _options(tp))
+    return " | ".join("None" if t is type(None) else str(t) if get_origin(t) else t.__name__ for t in _options(tp))
 
 
 def _convert(value, tp, cli: bool):
@@ -317,6 +335,11 @@ def _convert(value, tp, cli: bool):
         return None
     for option in options:
         if option is type(None):
+            continue
+        if get_origin(option) is list:  # list[str]: a TOML array of strings, or comma-separated on the command line
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) and cli else value
+            if isinstance(items, list) and all(isinstance(v, str) for v in items):
+                return items
             continue
         if isinstance(value, str) and option is not str and (cli or option is dict):
             try:
@@ -371,6 +394,8 @@ def config_help(cls: type) -> str:
              'Keys may be set in the TOML file or as flags (flags win). "none" sets an optional key to None.', ""]
     for f in (f for f in fields if f.init):
         lines += [f"  --{f.name} {_type_name(hints[f.name])} (default: {_show(f.default)})", f"      {docs[f.name]}"]
+        if f.name in cls.unused:
+            lines.append(f"      not used: {cls.unused[f.name]} (an error unless left at the default)")
     runtime = [f for f in fields if not f.init]
     if runtime:
         lines += ["", "Filled at runtime (cannot be set):"]

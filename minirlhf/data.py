@@ -2,12 +2,13 @@
 
 - `load_rows`: a .jsonl/.json/.parquet file, a local folder of split-named files, or a Hub dataset id.
 - `prepare_preference_dataset` + `collate_preference`: RewardTrainer's `_prepare_dataset` and
-  `DataCollatorForPreference` (trl/trainer/reward_trainer.py; spec §2.2-§2.4).
+  `DataCollatorForPreference` (trl/trainer/reward_trainer.py).
 - `prepare_prompt_dataset` + `collate_prompts`: the `prompt` column of TRL's PPO example (examples/scripts/ppo/ppo.py),
   left-padded as PPOTrainer expects.
 - `prepare_sft_dataset` + `collate_sft`: SFTTrainer's prompt-completion tokenization (trl/trainer/sft_trainer.py).
-- `shuffled_order`: the epoch order of accelerate's SeedableRandomSampler (spec §1.4); `prompt_batches`: PPO's
-  prompts in that order, sharded by rank, resumable at any batch.
+- `shuffled_order`, `rank_batches`: the epoch order of accelerate's SeedableRandomSampler (accelerate
+  data_loader.py), cut into each rank's batches, for all three loops; `prompt_batches`: PPO's prompts in that order,
+  resumable at any batch.
 
 Where TRL needs a `datasets.Dataset`, we take `list[dict]` and report a malformed row by index instead of failing
 somewhere inside `Dataset.map`.
@@ -20,12 +21,14 @@ Usage:
 
 import itertools
 import json
+import math
 import re
 import warnings
 from pathlib import Path
 
 import torch
 
+from minirlhf.hub import local_or_hub
 from minirlhf.tokenizer import Tokenizer
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -43,16 +46,9 @@ SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "
 def load_rows(dataset_name: str, split: str, revision: str | None = None) -> list[dict]:
     """Rows of a data file (the split is ignored), of the `split` files in a folder, or of a Hub dataset (downloaded
     to the huggingface_hub cache, then read like a folder)."""
-    path = Path(dataset_name).expanduser()
+    path = local_or_hub(dataset_name, [f"*{suffix}" for suffix in DATA_SUFFIXES], revision, repo_type="dataset")
     if path.is_file():
         return _read_file(path)
-    if not path.is_dir():
-        if path.suffix in DATA_SUFFIXES or dataset_name.startswith((".", "/", "~")):
-            raise ValueError(f"{dataset_name}: no such file or folder")
-        from huggingface_hub import snapshot_download
-
-        path = Path(snapshot_download(dataset_name, repo_type="dataset", revision=revision,
-                                      allow_patterns=[f"*{suffix}" for suffix in DATA_SUFFIXES]))
     return [row for file in _split_files(path, split) for row in _read_file(file)]
 
 
@@ -152,10 +148,10 @@ def _require_eos(tokenizer: Tokenizer, source: str) -> str:
 
 def prepare_preference_dataset(rows: list[dict], tokenizer: Tokenizer, max_length: int | None,
                                source: str = "dataset") -> tuple[list[dict], int]:
-    """RewardTrainer's `_prepare_dataset` (spec §2.3): each example is {"chosen_ids", "rejected_ids"[, "margin"]}.
-    Non-conversational text gets the EOS text appended unless it already ends with it (decided on the first row);
-    conversations go through the chat template. Pairs with a side longer than `max_length` are dropped, not
-    truncated (huggingface/trl#2488); returns (examples, number dropped)."""
+    """RewardTrainer's `_prepare_dataset` (trl/trainer/reward_trainer.py): each example is
+    {"chosen_ids", "rejected_ids"[, "margin"]}. Non-conversational text gets the EOS text appended unless it already
+    ends with it (decided on the first row); conversations go through the chat template. Pairs with a side longer
+    than `max_length` are dropped, not truncated (huggingface/trl#2488); returns (examples, number dropped)."""
     if not rows:
         raise ValueError(f"{source}: no rows")
     first = rows[0]
@@ -220,7 +216,8 @@ def pad(sequences: list[list[int]], padding_value: int, padding_side: str = "rig
 
 def collate_preference(examples: list[dict], pad_token_id: int,
                        pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """DataCollatorForPreference (spec §2.4): the B chosen then the B rejected sequences, always right-padded."""
+    """TRL's DataCollatorForPreference (trl/trainer/reward_trainer.py): the B chosen then the B rejected sequences,
+    always right-padded."""
     input_ids = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
     batch = {
         "input_ids": pad(input_ids, pad_token_id, "right", pad_to_multiple_of),  # (2B, T)
@@ -305,15 +302,28 @@ def collate_sft(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tens
 # ---- data order
 
 def shuffled_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The order accelerate's SeedableRandomSampler gives epoch `epoch` (spec §1.4)."""
+    """The order accelerate's SeedableRandomSampler gives epoch `epoch` (a generator seeded with seed + epoch)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def rank_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world_size: int,
+                 drop_last: bool) -> list[list[int]]:
+    """This rank's batches of epoch `epoch`, as dataset indices: shuffled_order cut into global batches of
+    batch_size * world_size, rank r taking the r-th slice of each (accelerate's BatchSamplerShard). A short last
+    global batch is dropped (drop_last), kept short in one process, or on several ranks filled up from the start of
+    the order (accelerate's even_batches), so that every rank runs the same number of steps."""
+    order, global_batch = shuffled_order(n, seed, epoch), batch_size * world_size
+    n_batches = n // global_batch if drop_last else math.ceil(n / global_batch)
+    batches = [order[i : i + global_batch] for i in range(0, n_batches * global_batch, global_batch)]
+    if world_size > 1 and batches and len(batches[-1]) < global_batch:
+        batches[-1] += order[: global_batch - len(batches[-1])]
+    return [batch[rank * batch_size : (rank + 1) * batch_size] for batch in batches]
 
 
 def prompt_batches(dataset: list[dict], local_batch_size: int, pad_token_id: int, seed: int, rank: int,
                    world_size: int, start: int = 0):
-    """PPO's training prompts from batch `start` on, forever: epoch e visits shuffled_order(N, seed, e) in batches of
-    local_batch_size, rank r taking batches r, r + world_size, ...; an incomplete last round is dropped (TRL:
-    drop_last=True). Yields left-padded queries (local_batch_size, context_length).
+    """PPO's training prompts from batch `start` on, forever: the rank_batches of epoch 0, 1, ... with drop_last
+    (TRL's PPO dataloader drops the incomplete last batch). Yields left-padded queries (local_batch_size, T).
 
     Departure: PPOTrainer's own Accelerator has no seedable sampler. In one process torch's RandomSampler reseeds
     each epoch from the global RNG, so TRL's order follows everything sampled before; on several ranks one shared
@@ -322,7 +332,5 @@ def prompt_batches(dataset: list[dict], local_batch_size: int, pad_token_id: int
     batches_per_epoch = len(dataset) // (local_batch_size * world_size)
     for step in itertools.count(start):
         epoch, k = divmod(step, batches_per_epoch)
-        order = shuffled_order(len(dataset), seed, epoch)
-        first = (k * world_size + rank) * local_batch_size
-        batch = [dataset[i] for i in order[first : first + local_batch_size]]
-        yield collate_prompts(batch, pad_token_id)["input_ids"]
+        indices = rank_batches(len(dataset), local_batch_size, seed, epoch, rank, world_size, drop_last=True)[k]
+        yield collate_prompts([dataset[i] for i in indices], pad_token_id)["input_ids"]

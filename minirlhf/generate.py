@@ -1,6 +1,7 @@
 """Batched generation with a KV cache: left-padded prompts in, prompts + responses and behaviour logprobs out.
 
-This replaces what TRL's PPO gets from transformers' `generate` (spec §5.2-§5.3):
+This replaces what TRL's PPO gets from transformers' `generate` (TRL's `batch_generation` and `forward`,
+trl/experimental/utils.py and ppo_trainer.py):
 - attention mask = `queries != pad_token_id`, pad ids replaced by 0 before the forward (so a pad id outside the
   embedding works), position ids `cumsum(mask) - mask` (first real token at 0), as TRL's `forward` uses;
 - logits in fp32, then temperature, top-k, top-p in transformers' order and with its semantics (the warpers are
@@ -9,7 +10,8 @@ This replaces what TRL's PPO gets from transformers' `generate` (spec §5.2-§5.
   once every row is finished, so the response length T can be shorter than `max_new_tokens`.
 
 Unlike TRL's `batch_generation`, which keeps the processed logits of every step, (B, T, vocab), and takes log-softmax
-afterwards (spec pitfall 16), the behaviour logprobs are gathered step by step and only (B, T) is kept.
+afterwards (its memory grows with the vocabulary, huggingface/trl#1833), the behaviour logprobs are gathered step
+by step and only (B, T) is kept.
 TRL passes `temperature + 1e-7` to generate; callers that want TRL's numbers should do the same.
 
 Usage:
@@ -28,7 +30,6 @@ from minirlhf.model import CausalLM, KVCache
 class GenerationOutput:
     query_responses: torch.Tensor  # (B, context_length + T): the queries followed by the generated tokens
     logprobs: torch.Tensor  # (B, T): log-softmax of the processed logits at the sampled token, fp32
-    logits: torch.Tensor | None = None  # (B, T, vocab): the processed logits in fp32, only with return_logits=True
 
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -65,7 +66,6 @@ def generate(
     do_sample: bool = True,
     stop_token_id: int | None = None,
     generator: torch.Generator | None = None,
-    return_logits: bool = False,
 ) -> GenerationOutput:
     """Sample (or, with do_sample=False, greedily pick) up to max_new_tokens for each row of left-padded queries.
 
@@ -97,7 +97,7 @@ def generate(
     # (B, ctx, vocab) matmul, ~40% of the prefill of a 50M model with a 32k vocabulary.
     logits = model(input_ids, attention_mask[:, :context_length], position_ids, cache, logits_to_keep=1)[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    responses, logprobs, processed = [], [], []
+    responses, logprobs = [], []
     for step in range(max_new_tokens):
         logits = logits.float()
         if do_sample:
@@ -106,8 +106,6 @@ def generate(
         else:
             next_token = logits.argmax(-1)  # (B,)
         logprobs.append(logits.log_softmax(-1).gather(-1, next_token[:, None]).squeeze(-1))
-        if return_logits:
-            processed.append(logits)
         responses.append(next_token.masked_fill(finished, pad_token_id))
         if stop_token_id is not None:
             finished |= next_token == stop_token_id
@@ -121,5 +119,4 @@ def generate(
     return GenerationOutput(
         query_responses=torch.cat([queries, torch.stack(responses, dim=1)], dim=1),
         logprobs=torch.stack(logprobs, dim=1),
-        logits=torch.stack(processed, dim=1) if return_logits else None,
     )

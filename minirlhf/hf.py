@@ -1,15 +1,14 @@
 """Hugging Face checkpoints in and out: config.json -> ModelConfig, safetensors names -> our module names.
 
 Loading reads `config.json` (as transformers 4.x and 5.x write it) and `model.safetensors` or the shards listed in
-`model.safetensors.index.json`, from a local folder or a Hub id (resolved by huggingface_hub, which honours
-HF_HUB_OFFLINE and the cache). Each family has one literal table from our module names to Hugging Face's, with
+`model.safetensors.index.json`, from a local folder or a Hub id (`hub.local_or_hub`, which honours HF_HUB_OFFLINE and
+the cache). Each family has one literal table from our module names to Hugging Face's, with
 `{}` for the layer index (litgpt's convert_hf_checkpoint style), plus two named surgeries: GPT-2 stores its
 projections as Conv1D (transposed), and GPT-2 and GPT-NeoX fuse q, k and v into one tensor (NeoX per head).
 Saving inverts the same tables, so transformers loads what we write with no missing or unexpected keys.
 """
 
 import json
-import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minirlhf.hub import local_or_hub
 from minirlhf.model import CausalLM, ModelConfig, RewardModel, init_weights, rope_inv_freq
 
 # Backbone prefix and architecture name stem of each family (transformers' base_model_prefix and class names).
@@ -208,16 +208,6 @@ def to_hf_tensors(cfg: ModelConfig, ours: dict[str, torch.Tensor]) -> dict[str, 
 # files
 
 
-def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
-    """A local folder as is; anything else is a Hub id downloaded (or found in the cache) by huggingface_hub."""
-    if os.path.isdir(name_or_path):
-        return Path(name_or_path)
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
-    return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
-
-
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -257,7 +247,7 @@ def parse_dtype(dtype, hf: dict) -> torch.dtype:
 
 def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=None):
     """Build `cls` (CausalLM or RewardModel) from a Hugging Face folder or Hub id; see the module docstring."""
-    folder = resolve_model_dir(name_or_path, revision)
+    folder = local_or_hub(name_or_path, ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"], revision)
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder}: no config.json, so this is not a Hugging Face model folder")
     hf = read_json(folder / "config.json")
@@ -303,8 +293,8 @@ def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=No
     if isinstance(model, CausalLM) and model.lm_head is not None and "lm_head.weight" not in tensors:
         raise ValueError(f"{folder}: tensor lm_head.weight is missing from the checkpoint")
     if new_head:
-        # transformers draws a new head as normal_(0, initializer_range); after the same seed this is the same
-        # first draw from the global generator, so TRL's initial head is reproduced bit for bit (spec §3.3).
+        # transformers draws a new head as normal_(0, initializer_range) (_init_weights); after the same seed this
+        # is the same first draw from the global generator, so TRL's initial head is reproduced bit for bit.
         print(f"[minirlhf] {folder} has no score head: initialising a new one, N(0, {cfg.initializer_range})")
         state["score.weight"] = torch.empty(cfg.num_labels, cfg.hidden_size).normal_(0, cfg.initializer_range).to(
             device=device, dtype=dtype)

@@ -1,5 +1,6 @@
 """Every RLHF formula of the reward-model and PPO loops, as small pure tensor functions (torch only).
 
+SFT: the completion-only cross-entropy (transformers loss_utils.py, ForCausalLMLoss).
 Reward model: the Bradley-Terry loss with TRL's optional margin and centring term, and the logged metrics
 (trl/trainer/reward_trainer.py, `RewardTrainer.compute_loss`).
 PPO: the helpers and post-processing of trl/experimental/ppo/ppo_trainer.py (itself a port of OpenAI's
@@ -64,6 +65,16 @@ def reward_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor)
         "accuracy": (rewards_chosen > rewards_rejected).float().mean().item(),
         "margin": (rewards_chosen - rewards_rejected).mean().item(),
     }
+
+
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | None = None) -> torch.Tensor:
+    """SFT: cross-entropy of (B, T, V) logits predicting the next token against (B, T) labels (-100 = not a target),
+    summed and divided by num_items_in_batch (default: the number of targets here), as transformers' ForCausalLMLoss
+    (loss_utils.py) computes it for TRL's SFTTrainer."""
+    shift_labels = labels[:, 1:]  # token t + 1 is predicted at position t
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100,
+                           reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

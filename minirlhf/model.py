@@ -3,12 +3,16 @@
 The families differ in a handful of switches, all fields of `ModelConfig`: learned vs rotary positions (and how much
 of each head is rotated), LayerNorm vs RMSNorm, GELU MLP vs SwiGLU, sequential vs parallel residual, biases, grouped
 key/value heads, per-head q/k norms, sliding windows, tied embeddings. `hf.py` translates Hugging Face `config.json`
-and weight names into this module; nothing here knows Hugging Face names.
+and weight names into this module (`hf.load_pretrained`, `hf.save_pretrained`); nothing here knows Hugging Face
+names.
 
 Two heads sit on the shared trunk:
 - `CausalLM`: next-token logits (the policy).
 - `RewardModel`: a linear `score` per token (the value model uses every position), pooled at the rightmost
-  token that is not padding, exactly as transformers' `*ForSequenceClassification` does (spec §3.2).
+  token that is not padding, exactly as transformers' `*ForSequenceClassification` does (e.g.
+  `LlamaForSequenceClassification.forward`, via transformers' `GenericForSequenceClassification`).
+PPO reads them through `model_inputs` (TRL's `forward` in trl/experimental/ppo/ppo_trainer.py), `get_reward` (TRL's
+`get_reward` in trl/experimental/utils.py) and `PolicyAndValue` (TRL's `PolicyAndValueWrapper`).
 
 References: Vaswani et al. 2017 (attention); Radford et al. 2019 (GPT-2); Su et al. 2021 (RoPE); Black et al. 2022
 (GPT-NeoX, parallel residual); Touvron et al. 2023 (Llama: RMSNorm, SwiGLU); Ainslie et al. 2023 (GQA).
@@ -22,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from minirlhf.losses import first_true_indices
 
 
 @dataclass
@@ -291,7 +297,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Set p = 0 on every dropout, attention dropout included (TRL's disable_dropout_in_model, spec §2.8)."""
+    """Set p = 0 on every dropout, attention dropout included (TRL's disable_dropout_in_model, trl/trainer/utils.py)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -314,22 +320,11 @@ class CausalLM(nn.Module):
         weight = self.transformer.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight)
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, revision: str | None = None, dtype=None, device=None):
-        from minirlhf.hf import load_pretrained
-
-        return load_pretrained(cls, name_or_path, revision=revision, dtype=dtype, device=device)
-
-    def save_pretrained(self, save_dir: str, max_shard_size: int = 5 * 1024**3, state_dict: dict | None = None) -> None:
-        from minirlhf.hf import save_pretrained
-
-        save_pretrained(self, save_dir, max_shard_size, state_dict)
-
 
 class RewardModel(nn.Module):
     """The trunk plus a linear `score` head without bias (sequence classification, num_labels outputs).
 
-    `forward` pools at the rightmost non-pad token (spec §3.2); `token_scores` keeps every position, which is
+    `forward` pools at the rightmost non-pad token (pool_last_non_pad); `token_scores` keeps every position, which is
     what PPO's value model needs.
     """
 
@@ -346,17 +341,6 @@ class RewardModel(nn.Module):
         scores = self.token_scores(input_ids, attention_mask, position_ids)
         return pool_last_non_pad(scores, input_ids, self.cfg.pad_token_id)  # (B, num_labels)
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, revision: str | None = None, dtype=None, device=None):
-        from minirlhf.hf import load_pretrained
-
-        return load_pretrained(cls, name_or_path, revision=revision, dtype=dtype, device=device)
-
-    def save_pretrained(self, save_dir: str, max_shard_size: int = 5 * 1024**3, state_dict: dict | None = None) -> None:
-        from minirlhf.hf import save_pretrained
-
-        save_pretrained(self, save_dir, max_shard_size, state_dict)
-
 
 def pool_last_non_pad(scores: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """scores (B, T, C) -> (B, C) at the rightmost token != pad_token_id; position 0 for an all-pad row.
@@ -372,3 +356,44 @@ def pool_last_non_pad(scores: torch.Tensor, input_ids: torch.Tensor, pad_token_i
     non_pad = (input_ids != pad_token_id).int()
     last = (torch.arange(T, device=input_ids.device) * non_pad).argmax(-1)  # (B,)
     return scores[torch.arange(B, device=input_ids.device), last]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PPO's view of the models: left-padded query + response rows in, per-token outputs out
+
+
+def model_inputs(query_responses: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) as TRL's forward() builds them: pads are masked out and read as id 0
+    (so a pad id outside the embedding works), positions count from each row's first real token."""
+    attention_mask = query_responses != pad_token_id  # (B, T)
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()  # (B, T)
+    return query_responses.masked_fill(~attention_mask, 0), attention_mask, position_ids
+
+
+def gather_index(responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Response ids to gather logprobs at. A pad id may lie outside the vocabulary ([PAD] added without resizing), so
+    pads read id 0; callers overwrite those positions with INVALID_LOGPROB."""
+    return responses.masked_fill(responses == pad_token_id, 0)
+
+
+def get_reward(model: RewardModel, query_responses: torch.Tensor, pad_token_id: int, context_length: int):
+    """Per-token scores (B, T, 1), the score (B,) at the last token before the first pad of the response part, and
+    that index (B,); the prompt's left padding is ignored, an empty response is scored at its prompt's last token."""
+    reward_logits = model.token_scores(*model_inputs(query_responses, pad_token_id))  # (B, T, 1)
+    sequence_lengths = first_true_indices(query_responses[:, context_length:] == pad_token_id) - 1 + context_length
+    rows = torch.arange(len(reward_logits), device=reward_logits.device)
+    return reward_logits, reward_logits[rows, sequence_lengths].squeeze(-1), sequence_lengths
+
+
+class PolicyAndValue(nn.Module):
+    """The policy and the value model as one module, so one optimizer and one DDP wrapper cover both (TRL's
+    PolicyAndValueWrapper): (B, T) inputs -> logits (B, logits_to_keep, vocab) of the last positions (all when 0)
+    and values (B, T) at every position."""
+
+    def __init__(self, policy: CausalLM, value_model: RewardModel):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+        values = self.value_model.token_scores(input_ids, attention_mask, position_ids).squeeze(-1)
+        return self.policy(input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep), values

@@ -4,7 +4,7 @@
 - `AdamW`: Adam (Kingma & Ba 2015, Alg. 1) with decoupled weight decay (Loshchilov & Hutter 2019, Alg. 2),
   numerically the update of `torch.optim.AdamW`, which Trainer builds with `fused=True` (`optim="adamw_torch_fused"`).
 - `lr_multiplier`: the LambdaLR multipliers of transformers optimization.py ("linear", "cosine", "constant",
-  "constant_with_warmup"); `warmup_steps_from` is `TrainingArguments.get_warmup_steps`.
+  "constant_with_warmup"); `steps_from` is `TrainingArguments.get_warmup_steps`, also used for logging/eval/save steps.
 
 Left out: amsgrad, maximize, closures, foreach/fused kernels (on CPU a per-parameter loop is as fast as foreach),
 and the other transformers schedules.
@@ -12,7 +12,7 @@ and the other transformers schedules.
 Usage (`step` = number of optimizer steps already taken; the LR logged is the one this step uses, as in 5.23):
 
     optimizer = AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=(beta1, beta2), eps=eps)
-    warmup = warmup_steps_from(warmup_steps, total_steps)
+    warmup = steps_from(warmup_steps, total_steps)
     kwargs = schedule_kwargs(lr_scheduler_type, lr_scheduler_kwargs)
     lr = learning_rate * lr_multiplier(step, total_steps, warmup, lr_scheduler_type, **kwargs)
     set_lr(optimizer, lr)
@@ -99,11 +99,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def warmup_steps_from(warmup: float, total_steps: int) -> int:
-    """TrainingArguments.warmup_steps semantics: >= 1 is a step count, a value in [0, 1) a fraction of the run."""
-    if warmup < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup}")
-    return int(warmup) if warmup >= 1 else math.ceil(total_steps * warmup)
+def steps_from(value: float, total_steps: int) -> int:
+    """TrainingArguments' one rule for warmup, logging, eval and save steps: a value >= 1 is a step count, a value
+    in [0, 1) that fraction of the run, rounded up (get_warmup_steps; eval/save/logging steps in Trainer)."""
+    if value < 0:
+        raise ValueError(f"warmup_steps, logging_steps, eval_steps and save_steps must be >= 0, got {value}")
+    return int(value) if value >= 1 else math.ceil(total_steps * value)
 
 
 def schedule_kwargs(schedule: str, lr_scheduler_kwargs: dict | None) -> dict:

@@ -30,6 +30,8 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
+from minirlhf.hub import local_or_hub
+
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "config.json"]
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -112,13 +114,9 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> "Tokenizer":
         """Load from a folder, or from a Hub id through the huggingface_hub cache (honours HF_HUB_OFFLINE)."""
-        folder = Path(name_or_path).expanduser()
+        folder = local_or_hub(str(name_or_path), TOKENIZER_FILES, revision)
         if not folder.is_dir():
-            if folder.exists() or str(name_or_path).startswith((".", "/", "~")):
-                raise ValueError(f"tokenizer: {name_or_path} is not a folder")
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=TOKENIZER_FILES))
+            raise ValueError(f"tokenizer: {name_or_path} is not a folder")
         if not (folder / "tokenizer.json").is_file():
             raise ValueError(f"{folder} has no tokenizer.json: minirlhf reads only `tokenizers` (fast) tokenizers, not "
                              "slow/sentencepiece-only ones; convert it once with transformers' AutoTokenizer and "

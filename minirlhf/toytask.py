@@ -1,8 +1,9 @@
 """A small offline task, so that reward modelling and PPO run anywhere and can be checked against an exact answer.
 
 Each prompt names a category ("name some fruits :"); a response is a list of words (" pear cat lemon"). The gold
-score is the fraction of the response's words that belong to the prompt's category: it does not reward length, an
-empty response scores 0, and a policy raises it by choosing better words.
+score (`gold`; `gold_score` for a batch of texts, PPO's `metric_funcs`) is the fraction of the response's words that
+belong to the prompt's category: it does not reward length, an empty response scores 0, and a policy raises it by
+choosing better words.
 
 Preference pairs are built so that only the prompt can tell chosen from rejected. Both responses mix the prompt's
 category with one other ("distractor") category and have the same length; rejected is chosen with some on-topic
@@ -30,8 +31,6 @@ import random
 import sys
 from pathlib import Path
 
-import torch
-
 CATEGORIES = {
     "animals": "cat dog horse cow sheep goat pig lion".split(),
     "colors": "red blue green yellow purple pink brown black".split(),
@@ -58,7 +57,7 @@ def vocabulary() -> list[str]:
     return list(dict.fromkeys(SPECIAL_TOKENS + prompt_words + sum(CATEGORIES.values(), [])))  # first-seen order
 
 
-def gold_score(prompt: str, response: str) -> float:
+def gold(prompt: str, response: str) -> float:
     """Fraction of the response's words in the category the prompt names; anything after an EOS is ignored."""
     named = [w for w in prompt.split() if w in CATEGORIES]
     if len(named) != 1:
@@ -67,11 +66,10 @@ def gold_score(prompt: str, response: str) -> float:
     return sum(w in CATEGORIES[named[0]] for w in words) / len(words) if words else 0.0
 
 
-def gold_scores(tokenizer, queries: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-    """(B,) gold scores of left-padded query ids and response ids, decoded with `tokenizer` (PPO's gold metric)."""
-    prompts = tokenizer.batch_decode(queries.tolist(), skip_special_tokens=True)
-    texts = tokenizer.batch_decode(responses.tolist())
-    return torch.tensor([gold_score(p, r) for p, r in zip(prompts, texts, strict=True)])
+def gold_score(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """`gold` of each row, as a text function with TRL's reward-function arguments: PPO logs it as
+    objective/gold_score with `metric_funcs = ["minirlhf.toytask:gold_score"]`."""
+    return [gold(p, c) for p, c in zip(prompts, completions, strict=True)]
 
 
 def sample_prompt(rng: random.Random) -> tuple[str, str, str]:

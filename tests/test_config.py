@@ -45,7 +45,7 @@ SCRIPT_FIELDS = {"model_name_or_path", "model_revision", "dtype", "dataset_name"
                  "dataset_test_split"}
 NOT_IN_TRL = {"warmup_ratio": "removed in transformers 5; accepted as the ratio form of warmup_steps",
               "sample_generations_freq": "a PPOTrainer attribute", "local_seed": "a PPOTrainer attribute",
-              "toytask_gold_score": "minirlhf's toy task: logs objective/gold_score"}
+              "metric_funcs": "minirlhf: text functions logged as objective/<name>"}
 
 
 def _theirs_normalised(name, value):

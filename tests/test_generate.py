@@ -1,6 +1,6 @@
 """minirlhf.generate vs references: a no-cache loop, transformers' generate (through TRL's PPO helper) and warpers.
 
-Each model test saves a random transformers model with `save_pretrained` and loads it with our `from_pretrained`.
+Each model test saves a random transformers model with `save_pretrained` and loads it with our `load_pretrained`.
 Prompts are left-padded with rows of different lengths. Greedy tokens must be exactly equal; logits and logprobs
 agree to fp32 tolerance on the positions up to and including each row's stop token (later ones are padding).
 """
@@ -15,6 +15,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from minirlhf import CausalLM
 from minirlhf.generate import generate, process_logits
+from minirlhf.hf import load_pretrained
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 # The greedy test scales the random weights up 25x (so greedy decoding does not just repeat one token); activations
@@ -34,7 +35,26 @@ def left_padded_queries(pad_id: int, lengths=(7, 4, 1), seed: int = 0) -> torch.
 
 def load_ours(theirs, tmp_path) -> CausalLM:
     theirs.save_pretrained(tmp_path / "theirs")
-    return CausalLM.from_pretrained(str(tmp_path / "theirs")).eval()
+    return load_pretrained(CausalLM, str(tmp_path / "theirs")).eval()
+
+
+def generate_recording_logits(model: CausalLM, *args, temperature: float = 1.0, do_sample: bool = True, **kwargs):
+    """generate(), and the processed fp32 logits (B, T, vocab) each token was drawn from: the model's logits at the
+    last position of each forward, through process_logits when sampling (generate's top_k=0, top_p=1 here)."""
+    recorded, forward = [], model.forward
+
+    def recording_forward(*forward_args, **forward_kwargs):
+        logits = forward(*forward_args, **forward_kwargs)
+        recorded.append(logits[:, -1].float())
+        return logits
+
+    model.forward = recording_forward  # an instance attribute: nn.Module.__call__ finds it first
+    try:
+        out = generate(model, *args, temperature=temperature, do_sample=do_sample, **kwargs)
+    finally:
+        del model.forward
+    logits = torch.stack(recorded, dim=1)  # one forward per generated token
+    return out, process_logits(logits, temperature, 0, 1.0) if do_sample else logits
 
 
 def greedy_without_cache(model: CausalLM, queries: torch.Tensor, pad_id: int, steps: int) -> torch.Tensor:
@@ -77,8 +97,8 @@ def test_greedy_matches_no_cache_and_transformers(family, tmp_path):
     # With a stop token that greedy decoding really produces: rows finish at different steps and all stop early.
     stop_at = first_true_indices(reference[:, ctx:] == stop_id)  # (B,)
     expected = truncate_response(stop_id, pad_id, reference[:, ctx:])[:, : int(stop_at.max()) + 1]
-    ours = generate(ours_model, queries, pad_id, MAX_NEW_TOKENS, do_sample=False, stop_token_id=stop_id,
-                    return_logits=True)
+    ours, ours_logits = generate_recording_logits(ours_model, queries, pad_id, MAX_NEW_TOKENS, do_sample=False,
+                                                  stop_token_id=stop_id)
     assert torch.equal(ours.query_responses[:, ctx:], expected)
 
     theirs_config = transformers.GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=stop_id,
@@ -86,7 +106,7 @@ def test_greedy_matches_no_cache_and_transformers(family, tmp_path):
     theirs_query_responses, theirs_logits = trl_generate(theirs_model, queries, pad_id, theirs_config)
     assert torch.equal(ours.query_responses, theirs_query_responses)
     valid = torch.arange(expected.shape[1])[None] <= stop_at[:, None]  # up to and including the stop token
-    torch.testing.assert_close(ours.logits[valid], theirs_logits[valid], **GREEDY_TOL)
+    torch.testing.assert_close(ours_logits[valid], theirs_logits[valid], **GREEDY_TOL)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2", "mistral"])
@@ -95,13 +115,13 @@ def test_cached_logits_match_full_forward(family, tmp_path):
     pad_id = VOCAB  # outside the embedding: only works because pads are replaced by 0 before the forward
     queries = left_padded_queries(pad_id, seed=1)
     ctx = queries.shape[1]
-    ours = generate(ours_model, queries, pad_id, MAX_NEW_TOKENS, temperature=1.0, return_logits=True,
-                    generator=torch.Generator().manual_seed(0))
+    ours, ours_logits = generate_recording_logits(ours_model, queries, pad_id, MAX_NEW_TOKENS, temperature=1.0,
+                                                  generator=torch.Generator().manual_seed(0))
 
     query_responses = ours.query_responses
     mask = (query_responses != pad_id).long()
     full_logits = ours_model(query_responses.masked_fill(mask == 0, 0), mask, mask.cumsum(-1) - mask)
-    torch.testing.assert_close(ours.logits, full_logits[:, ctx - 1 : -1], **TOL)
+    torch.testing.assert_close(ours_logits, full_logits[:, ctx - 1 : -1], **TOL)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2", "qwen3"])
@@ -149,15 +169,15 @@ def test_sampling_matches_transformers_draws(tmp_path):
     torch.manual_seed(7)
     theirs_query_responses, theirs_logits = trl_generate(theirs_model, queries, pad_id, theirs_config)
     torch.manual_seed(7)
-    ours = generate(ours_model, queries, pad_id, MAX_NEW_TOKENS, temperature=temperature, stop_token_id=stop_id,
-                    return_logits=True)
+    ours, ours_logits = generate_recording_logits(ours_model, queries, pad_id, MAX_NEW_TOKENS, temperature=temperature,
+                                                  stop_token_id=stop_id)
     assert torch.equal(ours.query_responses, theirs_query_responses)
     responses = ours.query_responses[:, ctx:]
     stop_at = first_true_indices(responses == stop_id)  # (B,)
     assert int(stop_at[0]) < responses.shape[1] - 1, "row 0 should finish before the others"
     # After its stop a row is fed the pad id by transformers but its own sample by us: compare up to the stop.
     valid = torch.arange(responses.shape[1])[None] <= stop_at[:, None]
-    torch.testing.assert_close(ours.logits[valid], theirs_logits[valid], **TOL)
+    torch.testing.assert_close(ours_logits[valid], theirs_logits[valid], **TOL)
     theirs_logprobs = selective_log_softmax(theirs_logits, theirs_query_responses[:, ctx:])
     torch.testing.assert_close(ours.logprobs[valid], theirs_logprobs[valid], **TOL)
 

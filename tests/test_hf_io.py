@@ -9,6 +9,7 @@ import transformers
 from tiny import FAMILIES, VOCAB, hf_model
 
 from minirlhf import CausalLM, RewardModel
+from minirlhf.hf import load_pretrained, save_pretrained
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -21,8 +22,8 @@ def test_ours_to_transformers_strict(family, head, tmp_path):
     theirs_source = hf_model(family, head=head, pad_token_id=0)
     theirs_source.save_pretrained(tmp_path / "src")
     cls = CausalLM if head == "causal" else RewardModel
-    ours_model = cls.from_pretrained(str(tmp_path / "src")).eval()
-    ours_model.save_pretrained(str(tmp_path / "ours"))
+    ours_model = load_pretrained(cls, str(tmp_path / "src")).eval()
+    save_pretrained(ours_model, str(tmp_path / "ours"))
 
     auto = transformers.AutoModelForCausalLM if head == "causal" else transformers.AutoModelForSequenceClassification
     theirs_model, info = auto.from_pretrained(str(tmp_path / "ours"), attn_implementation="eager",
@@ -42,10 +43,10 @@ def test_sharded_both_ways(family, tmp_path):
     theirs_model = hf_model(family)
     theirs_model.save_pretrained(tmp_path / "theirs", max_shard_size="20KB")
     assert (tmp_path / "theirs" / "model.safetensors.index.json").exists()
-    ours_model = CausalLM.from_pretrained(str(tmp_path / "theirs")).eval()
+    ours_model = load_pretrained(CausalLM, str(tmp_path / "theirs")).eval()
     torch.testing.assert_close(ours_model(IDS), theirs_model(input_ids=IDS).logits, **TOL)
 
-    ours_model.save_pretrained(str(tmp_path / "ours"), max_shard_size=20_000)
+    save_pretrained(ours_model, str(tmp_path / "ours"), max_shard_size=20_000)
     index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), attn_implementation="eager")
@@ -59,7 +60,7 @@ def test_new_score_head_matches_transformers_seeded_init(family, tmp_path):
     transformers.set_seed(7)
     theirs_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path), num_labels=1)
     torch.manual_seed(7)
-    ours_model = RewardModel.from_pretrained(str(tmp_path))
+    ours_model = load_pretrained(RewardModel, str(tmp_path))
     assert ours_model.cfg.num_labels == 1
     torch.testing.assert_close(ours_model.score.weight, theirs_model.score.weight, rtol=0, atol=0)
 
@@ -68,7 +69,7 @@ def test_gradient_checkpointing_is_exact(tmp_path):
     hf_model("llama", head="seq_cls", pad_token_id=0).save_pretrained(tmp_path)
     results = []
     for checkpointing in (False, True):
-        model = RewardModel.from_pretrained(str(tmp_path)).train()
+        model = load_pretrained(RewardModel, str(tmp_path)).train()
         model.transformer.gradient_checkpointing = checkpointing
         loss = model(IDS).square().sum()
         loss.backward()
@@ -89,13 +90,13 @@ def test_hub_id_resolves_from_offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
-    ours_model = CausalLM.from_pretrained("tiny-org/tiny-llama").eval()
+    ours_model = load_pretrained(CausalLM, "tiny-org/tiny-llama").eval()
     torch.testing.assert_close(ours_model(IDS), theirs_model(input_ids=IDS).logits, **TOL)
 
 
 def test_folder_without_weights_is_initialised_randomly(tmp_path, capsys):
     hf_model("llama").config.save_pretrained(tmp_path)
-    model = CausalLM.from_pretrained(str(tmp_path))
+    model = load_pretrained(CausalLM, str(tmp_path))
     assert "no weights" in capsys.readouterr().out
     std = model.transformer.embed.weight.std().item()
     assert abs(std - 0.02) < 0.005  # N(0, initializer_range)
@@ -106,13 +107,13 @@ def test_folder_without_weights_is_initialised_randomly(tmp_path, capsys):
 
 def test_folder_without_config(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
-        CausalLM.from_pretrained(str(tmp_path))
+        load_pretrained(CausalLM, str(tmp_path))
 
 
 def test_unknown_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
     with pytest.raises(ValueError, match=r"config.json: unsupported model_type 'bert'"):
-        CausalLM.from_pretrained(str(tmp_path))
+        load_pretrained(CausalLM, str(tmp_path))
 
 
 def test_missing_tensor(tmp_path):
@@ -123,7 +124,7 @@ def test_missing_tensor(tmp_path):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight is missing"):
-        CausalLM.from_pretrained(str(tmp_path))
+        load_pretrained(CausalLM, str(tmp_path))
 
 
 def test_wrong_shape(tmp_path):
@@ -132,7 +133,7 @@ def test_wrong_shape(tmp_path):
     config["intermediate_size"] = 40
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(48, 32\)"):
-        CausalLM.from_pretrained(str(tmp_path))
+        load_pretrained(CausalLM, str(tmp_path))
 
 
 def test_unexpected_tensor(tmp_path):
@@ -143,7 +144,7 @@ def test_unexpected_tensor(tmp_path):
     tensors["model.layers.0.extra.weight"] = torch.zeros(2)
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"unexpected tensors \['model\.layers\.0\.extra\.weight'\]"):
-        CausalLM.from_pretrained(str(tmp_path))
+        load_pretrained(CausalLM, str(tmp_path))
 
 
 def test_corrupt_safetensors(tmp_path):
@@ -151,4 +152,4 @@ def test_corrupt_safetensors(tmp_path):
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"model\.safetensors: cannot read safetensors file"):
-        CausalLM.from_pretrained(str(tmp_path))
+        load_pretrained(CausalLM, str(tmp_path))

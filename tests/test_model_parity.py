@@ -1,6 +1,6 @@
 """Our models vs transformers (fp32, CPU, eager attention): logits, pooled rewards and gradients of every family.
 
-Each test saves a random transformers model with `save_pretrained`, loads it with our `from_pretrained`, and
+Each test saves a random transformers model with `save_pretrained`, loads it with our `load_pretrained`, and
 compares on the positions that are real tokens (what pad positions compute is never used by either side).
 """
 
@@ -9,7 +9,7 @@ import torch
 from tiny import FAMILIES, VOCAB, hf_model
 
 from minirlhf import CausalLM, RewardModel
-from minirlhf.hf import to_hf_tensors
+from minirlhf.hf import load_pretrained, to_hf_tensors
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -32,7 +32,7 @@ def position_ids_for(mask):
 
 def load_ours(cls, theirs, tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
-    return cls.from_pretrained(str(tmp_path / "theirs")).eval()
+    return load_pretrained(cls, str(tmp_path / "theirs")).eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -122,7 +122,7 @@ def test_transformers_4_config_format(tmp_path):
     hf["rope_scaling"] = {**params, "rope_type": "llama3"}
     hf["torch_dtype"] = hf.pop("dtype")
     (tmp_path / "config.json").write_text(json.dumps(hf))
-    ours_model = CausalLM.from_pretrained(str(tmp_path)).eval()
+    ours_model = load_pretrained(CausalLM, str(tmp_path)).eval()
     ids, _ = batch("right", pad_id=0)
     torch.testing.assert_close(ours_model(ids), theirs_model(input_ids=ids).logits, **TOL)
 

@@ -12,7 +12,7 @@ from minirlhf.optim import (
     param_groups,
     schedule_kwargs,
     set_lr,
-    warmup_steps_from,
+    steps_from,
 )
 
 
@@ -145,7 +145,7 @@ def training_args(tmp_path_factory) -> TrainingArguments:
 def test_lr_multiplier_matches_transformers(training_args, total_steps, warmup, schedule, lr_scheduler_kwargs):
     training_args.warmup_steps = warmup
     theirs_warmup = training_args.get_warmup_steps(total_steps)
-    ours_warmup = warmup_steps_from(warmup, total_steps)
+    ours_warmup = steps_from(warmup, total_steps)
     assert ours_warmup == theirs_warmup
 
     # peak LR 1.0, so the scheduler's LR is its multiplier; read before scheduler.step(), as Trainer 5.23 logs it
@@ -169,5 +169,5 @@ def test_bad_schedule_inputs():
     with pytest.raises(ValueError, match=r"\['last_epoch'\].*'cosine'"):
         schedule_kwargs("cosine", {"num_cycles": 1.0, "last_epoch": 3})
     with pytest.raises(ValueError, match="warmup_steps"):
-        warmup_steps_from(-0.1, 10)
+        steps_from(-0.1, 10)
     assert schedule_kwargs("constant", None) == {}

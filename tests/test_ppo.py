@@ -34,15 +34,15 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from minirlhf import ppo
-from minirlhf.checkpoint import full_model_state
-from minirlhf.common import cleanup_distributed, gathered_weights, shard_model
+from minirlhf import ppo, rollout
+from minirlhf.common import cleanup_distributed
 from minirlhf.data import prompt_batches
 from minirlhf.generate import generate
-from minirlhf.hf import to_hf_tensors
+from minirlhf.hf import load_pretrained, save_pretrained, to_hf_tensors
 from minirlhf.losses import INVALID_LOGPROB
-from minirlhf.model import CausalLM, RewardModel
+from minirlhf.model import CausalLM, PolicyAndValue, RewardModel
 from minirlhf.optim import AdamW, lr_multiplier, param_groups, set_lr
+from minirlhf.parallel import full_model_state, gathered_weights, shard_model
 from minirlhf.tokenizer import Tokenizer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -178,11 +178,11 @@ def test_update_matches_trl(tiny_models, tmp_path, monkeypatch, batch_size, kl_e
     queries = recorded["queries"]
     query_responses = torch.cat((queries, responses), 1)
     logprobs = torch.log_softmax(recorded["logits"], -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
-    policy = CausalLM.from_pretrained(str(tiny_models / "policy"))
-    ref_policy = CausalLM.from_pretrained(str(tiny_models / "policy")).eval()
-    value_model = RewardModel.from_pretrained(str(tiny_models / "reward"))
-    reward_model = RewardModel.from_pretrained(str(tiny_models / "reward")).eval()
-    model = ppo.PolicyAndValue(policy, value_model).train()
+    policy = load_pretrained(CausalLM, str(tiny_models / "policy"))
+    ref_policy = load_pretrained(CausalLM, str(tiny_models / "policy")).eval()
+    value_model = load_pretrained(RewardModel, str(tiny_models / "reward"))
+    reward_model = load_pretrained(RewardModel, str(tiny_models / "reward")).eval()
+    model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
     rollouts = ppo.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs, args,
                                    PAD, EOS, None)
@@ -200,7 +200,7 @@ def test_update_matches_trl(tiny_models, tmp_path, monkeypatch, batch_size, kl_e
     torch.testing.assert_close(batch["advantages"], theirs_advantages, **TOL)
     for key in ("sequence_lengths", "padding_mask", "padding_mask_p1", "postprocessed_responses"):
         torch.testing.assert_close(batch[key], recorded[key], rtol=0, atol=0, msg=key)
-    assert batch["padding_mask"].any() and (batch["scores"] < rollouts["scores"]).any()  # cases really exercised
+    assert batch["padding_mask"].any() and (batch["scores"] < rollouts["raw_scores"]).any()  # cases really exercised
 
     # every logged metric but the speed
     assert set(ours_metrics) == set(theirs_metrics) - {"eps"}
@@ -275,11 +275,11 @@ def test_two_updates_match_trl(tiny_models, tmp_path, monkeypatch):
 
     args = our_config(**{k: v for k, v in sizes.items() if k != "total_episodes"}, total_episodes=updates * batch_size)
     args.set_runtime_sizes(1, len(prompts))
-    policy, value_model = (cls.from_pretrained(str(tiny_models / name))
+    policy, value_model = (load_pretrained(cls, str(tiny_models / name))
                            for cls, name in ((CausalLM, "policy"), (RewardModel, "reward")))
-    ref_policy = CausalLM.from_pretrained(str(tiny_models / "policy")).eval()
-    reward_model = RewardModel.from_pretrained(str(tiny_models / "reward")).eval()
-    model = ppo.PolicyAndValue(policy, value_model).train()
+    ref_policy = load_pretrained(CausalLM, str(tiny_models / "policy")).eval()
+    reward_model = load_pretrained(RewardModel, str(tiny_models / "reward")).eval()
+    model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
     for update, (queries, logits) in enumerate(calls, 1):
         lr = args.learning_rate * lr_multiplier(update - 1, args.num_total_batches, 0, "linear")
@@ -329,30 +329,30 @@ def test_prompt_order_is_accelerates_seedable_sampler_sharded_by_rank():
 
 def test_sampling_is_reproducible_and_logprobs_match_a_forward(tiny_models):
     args = our_config(response_length=8, local_rollout_forward_batch_size=3)
-    policy = CausalLM.from_pretrained(str(tiny_models / "policy"))
+    policy = load_pretrained(CausalLM, str(tiny_models / "policy"))
     with torch.no_grad():  # sharper logits, so that tokens repeat and rows stop at different steps
         policy.lm_head.weight.mul_(30)
     queries = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10], [PAD, 11, 12, 13], [PAD, PAD, PAD, 14], [15, 16, 17, 18]])
     torch.manual_seed(7)
-    sampled = ppo.sample_responses(policy, queries, args, PAD, None, None)[0][:, queries.shape[1]:]
+    sampled = rollout.sample_responses(policy, queries, args, PAD, None, None)[0][:, queries.shape[1]:]
     stop = sampled.flatten().mode().values.item()  # the most frequent token serves as the stop token
     runs = []
     for _ in range(2):
         torch.manual_seed(7)
-        runs.append(ppo.sample_responses(policy, queries, args, PAD, stop, None))
+        runs.append(rollout.sample_responses(policy, queries, args, PAD, stop, None))
     (ours_qr, ours_logprobs), (again_qr, again_logprobs) = runs
     assert torch.equal(ours_qr, again_qr) and torch.equal(ours_logprobs, again_logprobs)
     torch.manual_seed(8)
-    assert not torch.equal(ppo.sample_responses(policy, queries, args, PAD, stop, None)[0], ours_qr)
+    assert not torch.equal(rollout.sample_responses(policy, queries, args, PAD, stop, None)[0], ours_qr)
 
     # the behaviour logprobs are those of a plain forward at the same temperature, on every non-padding position
-    reward_model = RewardModel.from_pretrained(str(tiny_models / "reward"))
+    reward_model = load_pretrained(RewardModel, str(tiny_models / "reward"))
     rollouts = ppo.score_responses(policy, reward_model, reward_model, queries, ours_qr, ours_logprobs, args, PAD, stop,
                                    None)
     batch = ppo.compute_advantages(rollouts, args, EOS)
     assert batch["padding_mask"].any() and not batch["padding_mask"].all()
     valid = ~batch["padding_mask"]
-    torch.testing.assert_close(ours_logprobs[valid], rollouts["ref_logprobs"][valid], **TOL)
+    torch.testing.assert_close(ours_logprobs[valid], rollouts["raw_ref_logprobs"][valid], **TOL)
     assert torch.all(batch["logprobs"][~valid] == INVALID_LOGPROB)
 
 
@@ -364,25 +364,25 @@ def test_bf16_autocast_tracks_fp32(tiny_models):
     ratio clipping, a discontinuity, can fall differently in bf16."""
     args = our_config(num_ppo_epochs=1, num_mini_batches=1)
     queries = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10], [PAD, 11, 12, 13], [PAD, PAD, PAD, 14]])
-    policy = CausalLM.from_pretrained(str(tiny_models / "policy"))
-    reward_model = RewardModel.from_pretrained(str(tiny_models / "reward"))
+    policy = load_pretrained(CausalLM, str(tiny_models / "policy"))
+    reward_model = load_pretrained(RewardModel, str(tiny_models / "reward"))
     torch.manual_seed(0)
-    query_responses, logprobs = ppo.sample_responses(policy, queries, args, PAD, EOS, torch.bfloat16)
+    query_responses, logprobs = rollout.sample_responses(policy, queries, args, PAD, EOS, torch.bfloat16)
     rollouts = {precision: ppo.score_responses(policy, reward_model, reward_model, queries, query_responses, logprobs,
                                                args, PAD, EOS, precision) for precision in (None, torch.bfloat16)}
     fp32, bf16 = rollouts[None], rollouts[torch.bfloat16]
     valid = ~ppo.compute_advantages(fp32, args, EOS)["padding_mask"]
     # behaviour logprobs sampled under autocast agree with a forward in bf16 and in fp32
-    for reference in (bf16["ref_logprobs"], fp32["ref_logprobs"]):
+    for reference in (bf16["raw_ref_logprobs"], fp32["raw_ref_logprobs"]):
         assert (logprobs - reference)[valid].abs().max() < 0.03
-    for key in ("values", "scores"):
+    for key in ("raw_values", "raw_scores"):
         assert (bf16[key] - fp32[key]).abs().max() < 0.03 * fp32[key].abs().max(), key
 
     batch = ppo.compute_advantages(fp32, args, EOS)  # the same rollouts for both updates
     deltas, stats = {}, {}
     for precision in (None, torch.bfloat16):
-        model = ppo.PolicyAndValue(CausalLM.from_pretrained(str(tiny_models / "policy")),
-                                   RewardModel.from_pretrained(str(tiny_models / "reward")))
+        model = PolicyAndValue(load_pretrained(CausalLM, str(tiny_models / "policy")),
+                               load_pretrained(RewardModel, str(tiny_models / "reward")))
         start = {name: p.detach().clone() for name, p in model.named_parameters()}
         orders = [torch.arange(args.local_batch_size)] * args.num_ppo_epochs
         stats[precision] = ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, args, PAD,
@@ -407,10 +407,10 @@ def toy_run(tmp_path_factory) -> tuple[Path, list[str]]:
     folder = tmp_path_factory.mktemp("toy")
     toytask.write(folder / "task")
     torch.manual_seed(0)
-    policy = CausalLM.from_pretrained(str(folder / "task" / "model"))
-    policy.save_pretrained(str(folder / "sft"))
+    policy = load_pretrained(CausalLM, str(folder / "task" / "model"))
+    save_pretrained(policy, str(folder / "sft"))
     Tokenizer.from_pretrained(folder / "task" / "model").save_pretrained(folder / "sft")
-    RewardModel.from_pretrained(str(folder / "sft")).save_pretrained(str(folder / "reward"))
+    save_pretrained(load_pretrained(RewardModel, str(folder / "sft")), str(folder / "reward"))
     prompts = (folder / "task" / "prompts" / "train.jsonl").read_text().splitlines()[:16]
     (folder / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
     flags = ["--sft_model_path", str(folder / "sft"), "--reward_model_path", str(folder / "reward"),
@@ -418,7 +418,7 @@ def toy_run(tmp_path_factory) -> tuple[Path, list[str]]:
              "--local_rollout_forward_batch_size", "2", "--num_mini_batches", "2", "--num_ppo_epochs", "2",
              "--total_episodes", "16", "--response_length", "6", "--stop_token", "eos", "--learning_rate", "1e-3",
              "--save_steps", "2", "--num_sample_generations", "2", "--per_device_eval_batch_size", "4",
-             "--toytask_gold_score", "true", "--disable_tqdm", "true"]
+             "--metric_funcs", "minirlhf.toytask:gold_score", "--disable_tqdm", "true"]
     return folder, flags
 
 
@@ -498,19 +498,19 @@ def test_max_grad_norm_clips_the_joint_gradient(tiny_models):
     """max_grad_norm (which TRL's PPO ignores) clips the gradient of policy and value together, as
     torch.nn.utils.clip_grad_norm_ over both: with SGD, one step of a clipped run moves the weights by
     lr * max_grad_norm / ||g|| times the unclipped run's step."""
-    policy = CausalLM.from_pretrained(str(tiny_models / "policy"))
-    reward_model = RewardModel.from_pretrained(str(tiny_models / "reward"))
+    policy = load_pretrained(CausalLM, str(tiny_models / "policy"))
+    reward_model = load_pretrained(RewardModel, str(tiny_models / "reward"))
     queries = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10], [PAD, 11, 12, 13], [PAD, PAD, PAD, 14]])
     torch.manual_seed(0)
     args = our_config(num_ppo_epochs=1, num_mini_batches=1)
-    query_responses, logprobs = ppo.sample_responses(policy, queries, args, PAD, EOS, None)
+    query_responses, logprobs = rollout.sample_responses(policy, queries, args, PAD, EOS, None)
     batch = ppo.compute_advantages(ppo.score_responses(policy, reward_model, reward_model, queries, query_responses,
                                                        logprobs, args, PAD, EOS, None), args, EOS)
     deltas = {}
     for max_grad_norm in (0.0, 1e-3):
         # float64 weights, so that p_new - p_old carries no rounding of the weights (1e-7 of a norm weight of 1)
-        model = ppo.PolicyAndValue(CausalLM.from_pretrained(str(tiny_models / "policy"), dtype=torch.float64),
-                                   RewardModel.from_pretrained(str(tiny_models / "reward"), dtype=torch.float64))
+        model = PolicyAndValue(load_pretrained(CausalLM, str(tiny_models / "policy"), dtype=torch.float64),
+                               load_pretrained(RewardModel, str(tiny_models / "reward"), dtype=torch.float64))
         start = [p.detach().clone() for p in model.parameters()]
         ppo.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), batch,
                        our_config(num_ppo_epochs=1, num_mini_batches=1, max_grad_norm=max_grad_norm), PAD,
@@ -587,8 +587,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, folder: str, fsdp: str | 
 def _gathered_generation_worker(rank: int, world_size: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    whole = CausalLM.from_pretrained(str(Path(folder) / "policy"))
-    sharded = CausalLM.from_pretrained(str(Path(folder) / "policy"))
+    whole = load_pretrained(CausalLM, str(Path(folder) / "policy"))
+    sharded = load_pretrained(CausalLM, str(Path(folder) / "policy"))
     shard_model(sharded, "full_shard")
     queries = torch.tensor([[PAD, 5, 6], [7, 8, 9]])
     steps = 3 + 4 * rank  # the ranks stop at different steps: a forward that communicated would hang
@@ -627,10 +627,10 @@ def test_fsdp_sampling_gathers_the_policy(tiny_models, tmp_path):
 def ddp_setup(folder: str, rollouts: dict, args: ppo.PPOConfig):
     """Float64 models from the tiny folders and the post-processed rollouts (one rank's, or both concatenated)."""
     load = dict(dtype=torch.float64)
-    policy = CausalLM.from_pretrained(str(Path(folder) / "policy"), **load)
-    value_model = RewardModel.from_pretrained(str(Path(folder) / "reward"), **load)
-    reward_model = RewardModel.from_pretrained(str(Path(folder) / "reward"), **load).eval()
-    model = ppo.PolicyAndValue(policy, value_model).train()
+    policy = load_pretrained(CausalLM, str(Path(folder) / "policy"), **load)
+    value_model = load_pretrained(RewardModel, str(Path(folder) / "reward"), **load)
+    reward_model = load_pretrained(RewardModel, str(Path(folder) / "reward"), **load).eval()
+    model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
     halves = rollouts if isinstance(rollouts, list) else [rollouts]
     batches = [ppo.compute_advantages(ppo.score_responses(
@@ -645,13 +645,13 @@ def test_two_ranks_match_one_process(tiny_models, tmp_path, fsdp):
     # Each rank holds 4 rollouts (per_device 2, GA 2) in 2 minibatches, one micro-batch each. One process with the
     # 8 rollouts, GA 4 and minibatches made of one minibatch from each rank steps on the same mean gradient.
     args = our_config(response_length=5)
-    policy = CausalLM.from_pretrained(str(tiny_models / "policy"), dtype=torch.float64)
+    policy = load_pretrained(CausalLM, str(tiny_models / "policy"), dtype=torch.float64)
     data = {}
     for rank in range(2):
         torch.manual_seed(100 + rank)
         queries = torch.randint(3, 96, (4, 3))
         queries[0, 0] = PAD
-        query_responses, logprobs = ppo.sample_responses(policy, queries, args, PAD, EOS, None)
+        query_responses, logprobs = rollout.sample_responses(policy, queries, args, PAD, EOS, None)
         data[rank] = {"queries": queries, "query_responses": query_responses, "logprobs": logprobs}
         data[f"orders{rank}"] = [torch.randperm(4) for _ in range(args.num_ppo_epochs)]
     for name in ("policy", "reward"):

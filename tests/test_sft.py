@@ -13,8 +13,9 @@ import torch
 
 from minirlhf import toytask
 from minirlhf.data import collate_sft, prepare_sft_dataset
+from minirlhf.hf import load_pretrained
+from minirlhf.losses import completion_loss
 from minirlhf.model import CausalLM
-from minirlhf.sft import completion_loss
 from minirlhf.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_completion_loss_matches_trl(toy, tmp_path):
     for key in ("input_ids", "attention_mask", "labels"):
         torch.testing.assert_close(ours_batch[key], theirs_batch[key], rtol=0, atol=0, msg=key)
     assert (ours_batch["labels"] == -100).any() and (ours_batch["labels"] != -100).any()  # prompts are masked
-    ours_model = CausalLM.from_pretrained(str(toy / "hf"))
+    ours_model = load_pretrained(CausalLM, str(toy / "hf"))
     logits = ours_model(ours_batch["input_ids"], ours_batch["attention_mask"])
     torch.testing.assert_close(completion_loss(logits, ours_batch["labels"]), theirs_loss.detach(), rtol=1e-6,
                                atol=1e-6)
@@ -89,7 +90,7 @@ def test_cli_trains_and_saves(toy, tmp_path):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "config.toml", "checkpoint-2/optimizer.pt"):
         assert (out / name).is_file(), name
-    CausalLM.from_pretrained(str(out))
+    load_pretrained(CausalLM, str(out))
 
     result = run_cli([str(config), "--dataset_name", str(toy / "prompts" / "train.jsonl")])
     assert result.returncode == 2

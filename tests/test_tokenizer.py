@@ -262,7 +262,7 @@ def test_clear_errors(tokenizer_dirs, tmp_path):
     (tmp_path / "tokenizer.model").write_text("")
     with pytest.raises(ValueError, match=f"{tmp_path} has no tokenizer.json.*sentencepiece"):
         Tokenizer.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="is not a folder"):
+    with pytest.raises(ValueError, match="missing: no such file or folder"):
         Tokenizer.from_pretrained(tmp_path / "missing")
 
 

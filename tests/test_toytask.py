@@ -37,12 +37,12 @@ def test_regenerating_gives_the_shipped_files(tmp_path):
 
 
 def test_gold_score_by_hand():
-    assert toytask.gold_score("name some fruits :", " pear cat lemon") == pytest.approx(2 / 3)
-    assert toytask.gold_score("give me colors :", " red cat<|endoftext|> red red<pad><pad>") == 0.5
-    assert toytask.gold_score("give me colors :", " fruits nonsense") == 0.0  # a category name is no category word
-    assert toytask.gold_score("give me colors :", "<|endoftext|>") == 0.0
+    assert toytask.gold("name some fruits :", " pear cat lemon") == pytest.approx(2 / 3)
+    assert toytask.gold("give me colors :", " red cat<|endoftext|> red red<pad><pad>") == 0.5
+    assert toytask.gold("give me colors :", " fruits nonsense") == 0.0  # a category name is no category word
+    assert toytask.gold("give me colors :", "<|endoftext|>") == 0.0
     with pytest.raises(ValueError, match="exactly one"):
-        toytask.gold_score("give me colors or fruits :", " red")
+        toytask.gold("give me colors or fruits :", " red")
 
 
 @pytest.mark.parametrize("name", ["preference/train.jsonl", "preference/test.jsonl"])
@@ -54,8 +54,8 @@ def test_pairs_are_ordered_by_gold_and_matched_in_length(name):
         assert row["chosen"].startswith(" ") and row["rejected"].startswith(" "), i  # TRL concatenates strings
         chosen, rejected = row["chosen"].split(), row["rejected"].split()
         assert len(chosen) == len(rejected), i
-        ours_chosen, ours_rejected = toytask.gold_score(row["prompt"], row["chosen"]), \
-            toytask.gold_score(row["prompt"], row["rejected"])
+        ours_chosen, ours_rejected = toytask.gold(row["prompt"], row["chosen"]), \
+            toytask.gold(row["prompt"], row["rejected"])
         assert ours_chosen == pytest.approx(theirs_gold(row["prompt"], row["chosen"]), abs=1e-12), i
         assert ours_rejected == pytest.approx(theirs_gold(row["prompt"], row["rejected"]), abs=1e-12), i
         assert ours_chosen > ours_rejected, i

@@ -1,0 +1,28 @@
+"""Where models, tokenizers and datasets come from: a local path as it is, anything else from the Hugging Face Hub.
+
+A Hub id is downloaded by huggingface_hub (or found in its cache; HF_HUB_OFFLINE=1 never touches the network), only
+the files matching `patterns`. A name that looks like a path (it starts with ".", "/" or "~", has more than one "/"
+or a file suffix) and does not exist is an error at once, rather than a Hub request for a repository that cannot
+exist; a Hub failure (offline, unknown id) is one line too.
+"""
+
+from pathlib import Path
+
+
+def local_or_hub(name: str, patterns: list[str], revision: str | None = None, repo_type: str = "model") -> Path:
+    """The local file or folder `name`, or the folder of a Hub snapshot; ValueError (one line) if neither."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    looks_local = Path(name).suffix in (".json", ".jsonl", ".parquet", ".toml", ".safetensors")
+    if looks_local or str(name).startswith((".", "/", "~")) or str(name).count("/") > 1:
+        raise ValueError(f"{name}: no such file or folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(str(name), repo_type=repo_type, revision=revision, allow_patterns=patterns))
+    except (HFValidationError, OSError) as e:  # offline, unknown repo, bad id: huggingface_hub's errors are OSErrors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{name}: no such local file or folder, and not found on the Hugging Face Hub "
+                         f"({type(e).__name__}: {reason})") from None

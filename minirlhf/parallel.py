@@ -1,0 +1,125 @@
+"""Several ranks training one model: DDP wrapping, FSDP2 sharding, and whole tensors out of shards.
+
+A first reading can skip this file: in one process every function here is a no-op or the identity.
+- DDP (the default under torchrun): every rank holds the whole model; gradients are averaged in backward.
+- FSDP2 (`fsdp = "full_shard"` or `"shard_grad_op"`): each rank holds a 1/world_size shard of every parameter,
+  gradient and AdamW moment; parameters are gathered for a forward and backward and freed after (ZeRO-3), or kept
+  until the backward (ZeRO-2). With `auto_wrap` each transformer block is its own unit, gathered alone; without
+  it the whole model is one unit, as transformers' FSDP does without auto_wrap.
+Checkpoints hold whole tensors (`full_model_state`, `full_optimizer_state`), so they do not depend on the sharding.
+
+References: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`); Rajbhandari et al. 2020 (ZeRO).
+"""
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from minirlhf.common import print0
+from minirlhf.config import require
+
+
+def require_torchrun_for_fsdp(fsdp: str | None) -> None:
+    """FSDP shards over the processes torchrun starts; asked for in a plain process, it is a one-line config error."""
+    require(not fsdp or dist.is_initialized(), "fsdp",
+            "needs several processes: launch with torchrun --nproc_per_node=N, or leave fsdp unset")
+
+
+def reshards_after_forward(fsdp: str) -> bool:
+    """"full_shard" (ZeRO-3) frees gathered parameters after each forward; "shard_grad_op" (ZeRO-2) keeps them."""
+    return fsdp.split()[0] == "full_shard"
+
+
+def shard_model(model: torch.nn.Module, fsdp: str) -> None:
+    """FSDP2, in place: with auto_wrap each transformer block is one unit and the embeddings, final norm and head a
+    last one; gradients are averaged over ranks and kept sharded. Build the optimizer afterwards: the parameters
+    become DTensor shards."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # here: the import takes ~0.6 s
+
+    reshard = reshards_after_forward(fsdp)
+    if "auto_wrap" in fsdp.split():
+        for block in model.transformer.blocks:
+            fully_shard(block, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+    if hasattr(model, "token_scores"):  # PPO's value and reward models are called through it, not forward()
+        register_fsdp_forward_method(model, "token_scores")
+    local = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    print0(f"[minirlhf] FSDP2 {fsdp}: rank 0 holds {local:,} of {total:,} parameters")
+
+
+def distribute(model: torch.nn.Module, fsdp: str | None, sharded: tuple[torch.nn.Module, ...] = ()):
+    """The module the training loop calls: `model` itself in one process, DDP-wrapped on several ranks, or with
+    fsdp `model` after sharding each of `sharded` (default: `model` alone) in place. Build the optimizer after."""
+    if fsdp:
+        for m in sharded or (model,):
+            shard_model(m, fsdp)
+        return model
+    return DDP(model) if dist.is_initialized() and dist.get_world_size() > 1 else model
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Context for one micro-batch's forward and backward: gradients are averaged over ranks only when `sync`, on
+    the last micro-batch of an optimizer step. DDP defers with no_sync(); FSDP2 with set_requires_gradient_sync."""
+    if isinstance(model, DDP):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if dist.is_initialized():  # FSDP runs under torchrun only; a plain process skips the slow import
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_requires_gradient_sync(sync, recurse=False)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def gathered_weights(model: torch.nn.Module, fsdp: str | None):
+    """An FSDP-sharded model's whole weights on every rank for a stretch of forwards, then sharded again (TRL's
+    ds3_gather_for_generation): sampling token by token then gathers once instead of once per token, and each rank
+    stops when its own rows are done. A no-op without FSDP."""
+    if not fsdp:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.set_reshard_after_forward(reshards_after_forward(fsdp), recurse=False)
+            m.reshard()
+
+
+def full_tensor(t):
+    """An FSDP shard (DTensor) gathered whole, on CPU; anything else as it is. Gathering is a collective: every rank
+    calls it, for the same tensors in the same order. Callers gather one tensor at a time, so an accelerator never
+    holds more than one whole tensor (every rank collects the whole state in CPU memory)."""
+    return t.full_tensor().cpu() if isinstance(t, DTensor) else t
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    return {name: full_tensor(t) for name, t in model.state_dict().items()}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    state = optimizer.state_dict()
+    return {**state, "state": {i: {k: full_tensor(v) for k, v in s.items()} for i, s in state["state"].items()}}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimizer state, each moment sharded like its parameter where the model is FSDP-sharded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict()'s numbering
+    for i, param_state in state["state"].items():
+        param = params[i]
+        if isinstance(param, DTensor):
+            for key, value in param_state.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    param_state[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    optimizer.load_state_dict(state)

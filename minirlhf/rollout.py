@@ -1,0 +1,100 @@
+"""Rollouts for online RL: sample responses to a batch of prompts, score texts with Python functions, and the
+near-greedy sample completions a run logs as it trains (TRL's `generate_completions`).
+
+`sample_responses` is the generation half of TRL's PPO rollout (trl/experimental/ppo/ppo_trainer.py, `train`,
+"generation in chunks"); `sample_completions` and `log_completions` are `PPOTrainer.generate_completions`.
+Text functions take TRL's reward-function arguments, `f(prompts=[...], completions=[...]) -> [float, ...]`, and are
+named in a config as "package.module:function" (e.g. "minirlhf.toytask:gold_score").
+"""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minirlhf.common import autocast, print0
+from minirlhf.data import collate_prompts
+from minirlhf.generate import generate
+from minirlhf.losses import INVALID_LOGPROB, truncate_response
+from minirlhf.model import CausalLM, RewardModel, get_reward
+from minirlhf.parallel import gathered_weights
+from minirlhf.tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def sample_responses(policy: CausalLM, queries: torch.Tensor, args, pad_token_id: int, stop_token_id: int | None,
+                     precision: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample up to response_length tokens for (B, context_length) left-padded queries in chunks of
+    local_rollout_forward_batch_size. Returns query_responses (B, context_length + T) and the behaviour logprobs
+    (B, T), gathered while sampling (TRL keeps the (B, T, vocab) scores and takes them afterwards)."""
+    query_responses, logprobs = [], []
+    with gathered_weights(policy, args.fsdp):  # FSDP: the whole policy on every rank, once for all chunks
+        for i in range(0, len(queries), args.local_rollout_forward_batch_size):
+            with autocast(queries.device, precision):
+                out = generate(policy, queries[i : i + args.local_rollout_forward_batch_size], pad_token_id,
+                               args.response_length, temperature=args.temperature + 1e-7, top_k=0, top_p=1.0,
+                               stop_token_id=stop_token_id)
+            query_responses.append(out.query_responses)
+            logprobs.append(out.logprobs)
+    # a chunk whose rows all stopped early is shorter: right-pad it (TRL's batch_generation)
+    width = max(qr.shape[1] for qr in query_responses)
+    query_responses = [F.pad(qr, (0, width - qr.shape[1]), value=pad_token_id) for qr in query_responses]
+    logprobs = [F.pad(lp, (0, width - queries.shape[1] - lp.shape[1]), value=INVALID_LOGPROB) for lp in logprobs]
+    return torch.cat(query_responses), torch.cat(logprobs)
+
+
+def text_scores(funcs: dict[str, Callable], tokenizer: Tokenizer, queries: torch.Tensor,
+                responses: torch.Tensor) -> dict[str, list[float]]:
+    """Each function's score of every row, on the decoded texts without special tokens (as TRL decodes for its
+    reward functions): left-padded query ids (B, ctx) and response ids (B, T), truncated at the stop token."""
+    prompts = tokenizer.batch_decode(queries.tolist(), skip_special_tokens=True)
+    completions = tokenizer.batch_decode(responses.tolist(), skip_special_tokens=True)
+    return {name: [float(x) for x in func(prompts=prompts, completions=completions)] for name, func in funcs.items()}
+
+
+@torch.no_grad()
+def sample_completions(policy: CausalLM, reward_model: RewardModel, tokenizer: Tokenizer, eval_dataset: list[dict],
+                       args, stop_token_id: int | None, precision: torch.dtype | None,
+                       metric_funcs: dict[str, Callable], num_batches: int | None = None) -> list[dict]:
+    """TRL's generate_completions: near-greedy responses (temperature 0.01) to the first `num_batches` full eval
+    batches (all if None), truncated at the stop token and scored by the reward model without the EOS penalty, and
+    by each metric function."""
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device).manual_seed(args.seed)  # own stream: the training RNG is left as it was
+    batch_size, pad_token_id = args.per_device_eval_batch_size, tokenizer.pad_token_id
+    rows = []
+    with gathered_weights(policy, args.fsdp):  # FSDP: the whole policy for generating; the reward model stays sharded
+        for start in range(0, len(eval_dataset) // batch_size * batch_size, batch_size)[:num_batches]:
+            query = collate_prompts(eval_dataset[start : start + batch_size], pad_token_id)["input_ids"].to(device)
+            context_length = query.shape[1]
+            with autocast(device, precision):
+                out = generate(policy, query, pad_token_id, args.response_length, temperature=0.01 + 1e-7, top_k=0,
+                               top_p=1.0, stop_token_id=stop_token_id, generator=generator)
+            postprocessed_response = out.query_responses[:, context_length:]
+            if stop_token_id is not None:
+                postprocessed_response = truncate_response(stop_token_id, pad_token_id, postprocessed_response)
+            with autocast(device, precision):
+                _, score, _ = get_reward(reward_model, torch.cat((query, postprocessed_response), 1), pad_token_id,
+                                         context_length)
+            queries = tokenizer.batch_decode(query.tolist(), skip_special_tokens=True)
+            responses = tokenizer.batch_decode(postprocessed_response.tolist())  # special tokens kept, as TRL
+            extra = text_scores(metric_funcs, tokenizer, query, postprocessed_response)
+            rows += [{"query": q, "response": r, "score": s, **{name: v[i] for name, v in extra.items()}}
+                     for i, (q, r, s) in enumerate(zip(queries, responses, score.float().tolist(), strict=True))]
+    return rows
+
+
+def log_completions(rows: list[dict], step: int, output_dir: str) -> None:
+    """Append rows to output_dir/completions.jsonl; print their mean scores and the first five (TRL prints those)."""
+    if not rows:
+        return
+    with open(Path(output_dir) / "completions.jsonl", "a") as f:
+        f.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
+    scores = [key for key in rows[0] if key not in ("query", "response")]
+    means = {key: round(sum(row[key] for row in rows) / len(rows), 4) for key in scores}
+    print0(f"[minirlhf] update {step}: completions of {len(rows)} eval prompts, mean {means}")
+    for row in rows[:5]:
+        extra = "".join(f" {key} {row[key]:.2f}" for key in scores if key != "score")
+        print0(f"  score {row['score']:+.3f}{extra} | {row['query']!r} -> {row['response']!r}")
