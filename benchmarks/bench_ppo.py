@@ -4,8 +4,9 @@ Both sides load the same random policy and reward/value model (saved once by tra
 the same PPO updates: batch 8 prompts of 16-24 tokens, 24 sampled tokens each (no stop token, so both sample exactly
 8 * 24 tokens per update), 4 PPO epochs of one minibatch, no gradient clipping or checkpointing (TRL applies
 neither). minirlhf runs twice, with bf16=false (fp32) and with bf16=true (CPU bf16 autocast); TRL runs with
-bf16=true (and use_cpu=true, which TRL needs for bf16 on CPU), which its PPOTrainer does not apply (spec §5.12): the
-child prints TRL's accelerator.mixed_precision, "no", so its row is fp32 compute whatever bf16 says.
+bf16=true (and use_cpu=true, which TRL needs for bf16 on CPU), which its PPOTrainer does not apply (its accelerator
+has no mixed precision): the child prints TRL's accelerator.mixed_precision, "no", so its row is fp32 compute
+whatever bf16 says.
 
 Each run is a fresh subprocess, so that peak RSS (ru_maxrss: imports, four models, optimizer state and the largest
 temporaries) is its own; the sides alternate over the repeats, so a busy neighbour on a shared machine slows all
@@ -89,8 +90,8 @@ def run_ours(folder: Path, precision: torch.dtype | None) -> tuple[list[float], 
         query_responses, logprobs = rollout.sample_responses(policy, queries, args, pad, None, precision)
         sampling += time.perf_counter() - start if update > 1 else 0.0
         tokens += query_responses[:, queries.shape[1]:].numel() if update > 1 else 0
-        rollouts = ppo.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs,
-                                       args, pad, None, precision)
+        rollouts = rollout.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs,
+                                           args, pad, None, precision)
         batch = ppo.compute_advantages(rollouts, args, EOS)
         ppo.ppo_update(model, optimizer, batch, args, pad, ppo.minibatch_orders(args, update), precision)
         times.append(time.perf_counter() - start)

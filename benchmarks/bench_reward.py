@@ -145,7 +145,7 @@ def run_trl(folder: Path, cfg: dict, output_dir: Path, bf16: bool) -> dict:
             step_ends.append(time.perf_counter())
 
     train = datasets.load_dataset("json", data_files={"train": str(folder / "data" / "train.jsonl")})["train"]
-    # use_cpu: the Trainer then runs CPU autocast when bf16 is true (spec §1.1)
+    # use_cpu: the Trainer then runs CPU autocast when bf16 is true (TRL's _BaseConfig)
     args = RewardConfig(output_dir=str(output_dir), bf16=bf16, use_cpu=True, report_to="none", disable_tqdm=True,
                         **cfg)
     trainer = RewardTrainer(model=str(folder / "model"), args=args, train_dataset=train, callbacks=[Timer()])

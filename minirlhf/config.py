@@ -286,24 +286,20 @@ def parse_config(cls: type[C], argv: list[str]) -> C:
         raise ConfigError(f"{where.get(e.key, path or 'command line')}: {e}", e.key) from None
 
 
-def parse_config_or_exit(cls: type[C], argv: list[str] | None = None) -> C:
-    """parse_config for a `main()`: a ConfigError prints `error: ...` to stderr and exits with status 2 (argparse)."""
-    try:
-        return parse_config(cls, sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 @contextlib.contextmanager
 def exit_on_bad_input():
-    """Around a `main()`'s loading: a ValueError (bad data, model folder or checkpoint) prints `error: ...` on one
-    line and exits with status 2, as a bad config does."""
+    """Around a `main()`'s parsing and loading: a ValueError (a ConfigError, bad data, model folder or checkpoint)
+    prints `error: ...` on one line to stderr and exits with status 2, as argparse does."""
     try:
         yield
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def parse_config_or_exit(cls: type[C], argv: list[str] | None = None) -> C:
+    with exit_on_bad_input():
+        return parse_config(cls, sys.argv[1:] if argv is None else argv)
 
 
 def _read_toml(path: str) -> dict:

@@ -1,14 +1,10 @@
 """Several ranks training one model: DDP wrapping, FSDP2 sharding, and whole tensors out of shards.
 
-A first reading can skip this file: in one process every function here is a no-op or the identity.
-- DDP (the default under torchrun): every rank holds the whole model; gradients are averaged in backward.
-- FSDP2 (`fsdp = "full_shard"` or `"shard_grad_op"`): each rank holds a 1/world_size shard of every parameter,
-  gradient and AdamW moment; parameters are gathered for a forward and backward and freed after (ZeRO-3), or kept
-  until the backward (ZeRO-2). With `auto_wrap` each transformer block is its own unit, gathered alone; without
-  it the whole model is one unit, as transformers' FSDP does without auto_wrap.
-Checkpoints hold whole tensors (`full_model_state`, `full_optimizer_state`), so they do not depend on the sharding.
-
-References: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`); Rajbhandari et al. 2020 (ZeRO).
+A first reading can skip this file: in one process every function here is a no-op or the identity. Under DDP (the
+default with torchrun) every rank holds the whole model. Under FSDP2 (`fsdp = "full_shard"` or "shard_grad_op",
+Rajbhandari et al. 2020's ZeRO-3 / ZeRO-2) each rank holds 1/world_size of every parameter, gradient and AdamW
+moment, gathered per unit for its forward and backward; with " auto_wrap" each transformer block is its own unit,
+without it the whole model is one, as in transformers. Checkpoints hold whole tensors, whatever the sharding.
 """
 
 import contextlib

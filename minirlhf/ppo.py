@@ -46,13 +46,11 @@ from minirlhf.losses import (
     compute_gae,
     compute_rewards,
     entropy_from_logits,
-    first_true_indices,
     kl_penalty,
     logprobs_from_logits,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
-    truncate_response,
 )
 from minirlhf.model import (
     CausalLM,
@@ -60,12 +58,11 @@ from minirlhf.model import (
     RewardModel,
     disable_dropout,
     gather_index,
-    get_reward,
     model_inputs,
 )
 from minirlhf.optim import set_lr, steps_from
 from minirlhf.parallel import gradient_sync
-from minirlhf.rollout import log_completions, sample_completions, sample_responses, text_scores
+from minirlhf.rollout import log_completions, sample_completions, sample_responses, score_responses, text_scores
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import optimizer_step, prepare, save_final, scheduled_lr, start
 
@@ -297,50 +294,6 @@ def load(args: PPOConfig, run) -> tuple:
     for m in (policy, value_model):
         m.transformer.gradient_checkpointing = args.gradient_checkpointing  # TRL never applies it
     return tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model
-
-
-@torch.no_grad()
-def score_responses(ref_policy: CausalLM, value_model: RewardModel, reward_model: RewardModel, queries: torch.Tensor,
-                    query_responses: torch.Tensor, logprobs: torch.Tensor, args: PPOConfig, pad_token_id: int,
-                    stop_token_id: int | None, precision: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Reference logprobs, values and scores of sampled responses, in chunks of local_rollout_forward_batch_size
-    (TRL's `PPOTrainer.train`, the no-grad loop after generation). Returns the rollouts, raw: logprobs and values
-    are still garbage after each response's end and scores carry no EOS penalty yet; every tensor is (B, T) but
-    sequence_lengths and raw_scores (B,)."""
-    context_length = queries.shape[1]
-    device = queries.device
-    out = {key: [] for key in ("raw_ref_logprobs", "postprocessed_responses", "sequence_lengths", "raw_values",
-                               "raw_scores")}
-    for i in range(0, len(queries), args.local_rollout_forward_batch_size):
-        query = queries[i : i + args.local_rollout_forward_batch_size]
-        query_response = query_responses[i : i + args.local_rollout_forward_batch_size]
-        response = query_response[:, context_length:]  # (b, T)
-        with autocast(device, precision):
-            # logits from the last query token to the one before the last response token: (b, T, vocab)
-            ref_logits = ref_policy(*model_inputs(query_response, pad_token_id),
-                                    logits_to_keep=response.shape[1] + 1)[:, :-1]
-        ref_logits = ref_logits.float() / (args.temperature + 1e-7)  # (b, T, vocab): one chunk at a time
-        out["raw_ref_logprobs"].append(logprobs_from_logits(ref_logits, gather_index(response, pad_token_id)))
-        del ref_logits
-
-        # Response Processing 1. truncate response after the first occurrence of `stop_token_id`
-        postprocessed_response = response
-        if stop_token_id is not None:
-            postprocessed_response = truncate_response(stop_token_id, pad_token_id, response)
-
-        # Response Processing 2. run reward model on the truncated responses; values on the raw ones
-        postprocessed_query_response = torch.cat((query, postprocessed_response), 1)
-        sequence_length = first_true_indices(postprocessed_response == pad_token_id) - 1  # L: last real token
-        with autocast(device, precision):
-            full_value, _, _ = get_reward(value_model, query_response, pad_token_id, context_length)
-            _, score, _ = get_reward(reward_model, postprocessed_query_response, pad_token_id, context_length)
-        out["postprocessed_responses"].append(postprocessed_response)
-        out["sequence_lengths"].append(sequence_length)
-        out["raw_values"].append(full_value[:, context_length - 1 : -1].squeeze(-1).float())  # V before each token
-        out["raw_scores"].append(score.float())
-    return {"query_responses": query_responses, "responses": query_responses[:, context_length:],
-            "raw_logprobs": logprobs,
-            **{key: torch.cat(chunks) for key, chunks in out.items()}}
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from minirlhf.model import RewardModel, disable_dropout
 from minirlhf.optim import set_lr, steps_from
 from minirlhf.parallel import gradient_sync
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import Run, due, optimizer_step, prepare, save_final, scheduled_lr, start
+from minirlhf.training import Run, count_steps, due, optimizer_step, prepare, save_final, scheduled_lr, start
 
 
 @dataclass
@@ -84,13 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     state = state or {"step": 0, "epoch": 0, "group": 0, "num_tokens": 0, "window_loss": 0.0, "total_loss": 0.0,
                       "last_logged": 0, "window": {}}
 
-    # Sizes, as transformers.Trainer computes them (`Trainer._inner_training_loop`); batches count pairs per rank
     world, per_device, ga = run.dist.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
+    n_batches, steps_per_epoch, total_steps = count_steps(args, len(train_dataset), world)  # batches count pairs
     global_batch = per_device * world
-    n_batches = len(train_dataset) // global_batch if args.dataloader_drop_last else math.ceil(
-        len(train_dataset) / global_batch)
-    steps_per_epoch = max(math.ceil(n_batches / ga), 1)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     logging_steps, eval_steps, save_steps = (steps_from(args.logging_steps, total_steps),
                                              steps_from(args.eval_steps or 1, total_steps),
                                              steps_from(args.save_steps, total_steps))

@@ -1,8 +1,8 @@
-"""Rollouts for online RL: sample responses to a batch of prompts, score texts with Python functions, and the
-near-greedy sample completions a run logs as it trains (TRL's `generate_completions`).
+"""Rollouts for online RL: sample responses to a batch of prompts, score them (reference logprobs, values, reward
+model, Python functions of the texts), and the near-greedy sample completions a run logs as it trains.
 
-`sample_responses` is the generation half of TRL's PPO rollout (trl/experimental/ppo/ppo_trainer.py, `train`,
-"generation in chunks"); `sample_completions` and `log_completions` are `PPOTrainer.generate_completions`.
+`sample_responses` and `score_responses` are the no-grad rollout phase of TRL's `PPOTrainer.train`
+(trl/experimental/ppo/ppo_trainer.py); `sample_completions` and `log_completions` are its `generate_completions`.
 Text functions take TRL's reward-function arguments, `f(prompts=[...], completions=[...]) -> [float, ...]`, and are
 named in a config as "package.module:function" (e.g. "minirlhf.toytask:gold_score").
 """
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from minirlhf.common import autocast, print0
 from minirlhf.data import collate_prompts
 from minirlhf.generate import generate
-from minirlhf.losses import INVALID_LOGPROB, truncate_response
-from minirlhf.model import CausalLM, RewardModel, get_reward
+from minirlhf.losses import INVALID_LOGPROB, first_true_indices, logprobs_from_logits, truncate_response
+from minirlhf.model import CausalLM, RewardModel, gather_index, get_reward, model_inputs
 from minirlhf.parallel import gathered_weights
 from minirlhf.tokenizer import Tokenizer
 
@@ -43,6 +43,50 @@ def sample_responses(policy: CausalLM, queries: torch.Tensor, args, pad_token_id
     query_responses = [F.pad(qr, (0, width - qr.shape[1]), value=pad_token_id) for qr in query_responses]
     logprobs = [F.pad(lp, (0, width - queries.shape[1] - lp.shape[1]), value=INVALID_LOGPROB) for lp in logprobs]
     return torch.cat(query_responses), torch.cat(logprobs)
+
+
+@torch.no_grad()
+def score_responses(ref_policy: CausalLM, value_model: RewardModel, reward_model: RewardModel, queries: torch.Tensor,
+                    query_responses: torch.Tensor, logprobs: torch.Tensor, args, pad_token_id: int,
+                    stop_token_id: int | None, precision: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Reference logprobs, values and scores of sampled responses, in chunks of local_rollout_forward_batch_size
+    (TRL's `PPOTrainer.train`, the no-grad loop after generation). Returns the rollouts, raw: logprobs and values
+    are still garbage after each response's end and scores carry no EOS penalty yet; every tensor is (B, T) but
+    sequence_lengths and raw_scores (B,)."""
+    context_length = queries.shape[1]
+    device = queries.device
+    out = {key: [] for key in ("raw_ref_logprobs", "postprocessed_responses", "sequence_lengths", "raw_values",
+                               "raw_scores")}
+    for i in range(0, len(queries), args.local_rollout_forward_batch_size):
+        query = queries[i : i + args.local_rollout_forward_batch_size]
+        query_response = query_responses[i : i + args.local_rollout_forward_batch_size]
+        response = query_response[:, context_length:]  # (b, T)
+        with autocast(device, precision):
+            # logits from the last query token to the one before the last response token: (b, T, vocab)
+            ref_logits = ref_policy(*model_inputs(query_response, pad_token_id),
+                                    logits_to_keep=response.shape[1] + 1)[:, :-1]
+        ref_logits = ref_logits.float() / (args.temperature + 1e-7)  # (b, T, vocab): one chunk at a time
+        out["raw_ref_logprobs"].append(logprobs_from_logits(ref_logits, gather_index(response, pad_token_id)))
+        del ref_logits
+
+        # Response Processing 1. truncate response after the first occurrence of `stop_token_id`
+        postprocessed_response = response
+        if stop_token_id is not None:
+            postprocessed_response = truncate_response(stop_token_id, pad_token_id, response)
+
+        # Response Processing 2. run reward model on the truncated responses; values on the raw ones
+        postprocessed_query_response = torch.cat((query, postprocessed_response), 1)
+        sequence_length = first_true_indices(postprocessed_response == pad_token_id) - 1  # L: last real token
+        with autocast(device, precision):
+            full_value, _, _ = get_reward(value_model, query_response, pad_token_id, context_length)
+            _, score, _ = get_reward(reward_model, postprocessed_query_response, pad_token_id, context_length)
+        out["postprocessed_responses"].append(postprocessed_response)
+        out["sequence_lengths"].append(sequence_length)
+        out["raw_values"].append(full_value[:, context_length - 1 : -1].squeeze(-1).float())  # V before each token
+        out["raw_scores"].append(score.float())
+    return {"query_responses": query_responses, "responses": query_responses[:, context_length:],
+            "raw_logprobs": logprobs,
+            **{key: torch.cat(chunks) for key, chunks in out.items()}}
 
 
 def text_scores(funcs: dict[str, Callable], tokenizer: Tokenizer, queries: torch.Tensor,

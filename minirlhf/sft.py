@@ -27,7 +27,7 @@ from minirlhf.model import CausalLM
 from minirlhf.optim import set_lr, steps_from
 from minirlhf.parallel import gradient_sync
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import due, optimizer_step, prepare, save_final, scheduled_lr, start
+from minirlhf.training import count_steps, due, optimizer_step, prepare, save_final, scheduled_lr, start
 
 
 @dataclass
@@ -57,16 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     per_device, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
     with exit_on_bad_input():
         model, tokenizer, dataset = load(args, device)
-        # Steps, as transformers.Trainer counts them (`Trainer._inner_training_loop`)
-        global_batch = per_device * world
-        batches_per_epoch = len(dataset) // global_batch if args.dataloader_drop_last else math.ceil(
-            len(dataset) / global_batch)
+        batches_per_epoch, steps_per_epoch, total_steps = count_steps(args, len(dataset), world)
         if batches_per_epoch == 0:
-            raise ValueError(f"{args.dataset_name}: {len(dataset)} examples, fewer than one batch of {global_batch}")
+            raise ValueError(f"{args.dataset_name}: {len(dataset)} examples, fewer than one batch of "
+                             f"{per_device * world}")
     train_model, optimizer, state = prepare(run, model, {"": model})
     state = state or {"step": 0}
-    steps_per_epoch = math.ceil(batches_per_epoch / ga)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     logging_steps, save_steps = steps_from(args.logging_steps, total_steps), steps_from(args.save_steps, total_steps)
     print0(f"[minirlhf] {len(dataset)} examples, {total_steps} optimizer steps ({steps_per_epoch} per epoch)")
     logger = MetricsLogger(args, run.dist.is_main, total_steps, state["step"])

@@ -194,17 +194,6 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        return [encoding.ids for encoding in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
-
-    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict[str, list]:
-        """transformers' unpadded `tokenizer(text)`: input_ids and attention_mask, one list per text for a batch."""
-        if isinstance(text, str):
-            input_ids = self.encode(text, add_special_tokens)
-            return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids)}
-        input_ids = self.encode_batch(text, add_special_tokens)
-        return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids]}
-
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         # transformers skips clean_up_tokenization_spaces for BPE models, which all supported families use
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -1,16 +1,9 @@
 """What reward, SFT and PPO training share around their loops, so each entry point shows only what is its own.
 
-Every `main()` reads: config -> `start` -> load its models and data -> `prepare` -> its loop -> `save_final`.
-- `start`: parse the config (a bad one exits 2 with one line), join the other ranks under torchrun, seed, choose
-  the autocast dtype, find the checkpoint to resume from.
-- `prepare`: load the checkpoint's weights over the starting models, shard or DDP-wrap them (parallel.py), build
-  AdamW with transformers' decay groups, restore the optimizer, RNG and trainer state, write config.toml.
-- In the loop: `scheduled_lr` (with optim.set_lr), `optimizer_step` (clip, step, zero) and `due` (transformers'
-  DefaultFlowCallback: when to log, evaluate and save).
-- `save_final`: the trained models in Hugging Face layout, gathered whole when sharded.
-
-References: transformers 5.23 trainer.py (`Trainer._inner_training_loop`, `create_optimizer`) and
-trainer_callback.py (`DefaultFlowCallback.on_step_end`, `on_epoch_end`).
+Every `main()` reads: config -> `start` (parse, join the ranks, seed, precision, find the checkpoint) -> load its
+models and data -> `prepare` (resume the weights, shard or wrap, AdamW, resume its state) -> its loop, with
+`scheduled_lr`, `optimizer_step` and `due` -> `save_final`. References: transformers 5.23 trainer.py
+(`Trainer._inner_training_loop`) and trainer_callback.py (`DefaultFlowCallback`).
 """
 
 import math
@@ -71,6 +64,16 @@ def prepare(run: Run, model: nn.Module, saved: dict[str, nn.Module], sharded: tu
     if run.dist.is_main:
         save_config(args, Path(args.output_dir) / "config.toml")
     return train_model, optimizer, state
+
+
+def count_steps(args: TrainingConfig, n_examples: int, world_size: int) -> tuple[int, int, int]:
+    """(batches per epoch per rank, optimizer steps per epoch, optimizer steps in the run), as transformers'
+    `Trainer._inner_training_loop` counts them; a short last batch is one unless dataloader_drop_last."""
+    global_batch = args.per_device_train_batch_size * world_size
+    batches = n_examples // global_batch if args.dataloader_drop_last else math.ceil(n_examples / global_batch)
+    steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    return batches, steps_per_epoch, args.max_steps if args.max_steps > 0 else math.ceil(
+        args.num_train_epochs * steps_per_epoch)
 
 
 def scheduled_lr(args: TrainingConfig, step: int, total_steps: int) -> float:

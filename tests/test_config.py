@@ -70,7 +70,7 @@ def test_defaults_match_trl(ours_cls, theirs_cls, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Validations: the TrainingArguments checks (spec §1.3), compared with transformers itself
+# Validations: the TrainingArguments checks (transformers training_args.py), compared with transformers itself
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -142,7 +142,8 @@ def test_ppo_runtime_sizes_match_trl(n_prompts, kwargs, tmp_path):
 
 
 def test_ppo_runtime_sizes_spec_examples():
-    # Spec §4.2 probe values: 8 prompts, per-device 4 -> 24 episodes, 6 updates; per-device 4, GA 4, NMB 2 -> 16 / 8.
+    # Probe values of TRL's PPOTrainer.__init__ sizes: 8 prompts, per-device 4 -> 24 episodes, 6 updates;
+    # per-device 4, GA 4, NMB 2 -> 16 / 8.
     ours = PPOConfig(per_device_train_batch_size=4)
     ours.set_runtime_sizes(world_size=1, train_dataset_len=8)
     assert (ours.total_episodes, ours.num_total_batches) == (24, 6)
@@ -316,7 +317,9 @@ def test_save_config_round_trip(tmp_path):
     assert all(getattr(back, f.name) == getattr(ppo, f.name) for f in dataclasses.fields(PPOConfig) if f.init)
 
 
-YAML_TOML = {  # spec §6.1 / §6.2 documented commands, as a TRL YAML config and the same by syntax in TOML
+# TRL's documented commands (examples/scripts/reward_modeling.py, ppo/ppo.py), as a TRL YAML config and the same by
+# syntax in TOML
+YAML_TOML = {
     RewardConfig: ("""
 model_name_or_path: Qwen/Qwen2-0.5B-Instruct
 dataset_name: trl-lib/ultrafeedback_binarized

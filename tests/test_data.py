@@ -41,7 +41,8 @@ def sentence(i: int, n: int) -> str:
 
 
 def preference_rows(fmt: str, style: str, n: int = 8) -> list[dict]:
-    """n rows of one format of spec §2.2, with varied lengths so a max_length filter drops some."""
+    """n rows of one format RewardTrainer accepts (trl/trainer/reward_trainer.py), with varied lengths so a
+    max_length filter drops some."""
     rows = []
     for i in range(n):
         prompt, chosen, rejected = sentence(i, 2 + i % 3), " " + sentence(i + 1, 1 + i), " " + sentence(i + 2, 3)

@@ -299,7 +299,7 @@ def test_compute_gae_matches_trl_lines_and_discounted_sums(rollout, gamma, lam):
     torch.testing.assert_close(ours_advantages64, theirs_advantages64, rtol=0, atol=1e-12)
     torch.testing.assert_close(ours_returns64, theirs_advantages64 + v, rtol=0, atol=1e-12)
 
-    # spec §5.5: the value target at the slot after the response is the score itself, whatever gamma is
+    # TRL's GAE: the value target at the slot after the response is the score itself, whatever gamma is
     for i, L in enumerate(rollout["sequence_lengths"].tolist()):
         if L + 1 < T:
             assert ours_returns[i, L + 1].item() == pytest.approx(rollout["scores"][i].item(), abs=1e-6)

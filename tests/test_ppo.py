@@ -90,9 +90,9 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 def fixed_responses(B: int = 4) -> torch.Tensor:
-    """(B, 6) responses covering every case of §5.4: a stop in the middle, none (the score goes on the last token and
-    the EOS penalty applies), an empty response, and a stop on the last token. After a stop, EOS repeats, as
-    transformers' generate pads finished rows when the model has no pad id."""
+    """(B, 6) responses covering every case of TRL's response post-processing: a stop in the middle, none (the score
+    goes on the last token and the EOS penalty applies), an empty response, and a stop on the last token. After a
+    stop, EOS repeats, as transformers' generate pads finished rows when the model has no pad id."""
     rows = [[10, 11, EOS, EOS, EOS, EOS], [20, 21, 22, 23, 24, 25], [EOS, EOS, EOS, EOS, EOS, EOS],
             [30, 31, 32, 33, 34, EOS]]
     return torch.tensor(rows * (B // 4))
@@ -184,8 +184,8 @@ def test_update_matches_trl(tiny_models, tmp_path, monkeypatch, batch_size, kl_e
     reward_model = load_pretrained(RewardModel, str(tiny_models / "reward")).eval()
     model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
-    rollouts = ppo.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs, args,
-                                   PAD, EOS, None)
+    rollouts = rollout.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs, args,
+                                       PAD, EOS, None)
     batch = ppo.compute_advantages(rollouts, args, EOS)
     orders = [torch.as_tensor(p) for p in permutations]
     assert len(orders) == args.num_ppo_epochs
@@ -193,7 +193,7 @@ def test_update_matches_trl(tiny_models, tmp_path, monkeypatch, batch_size, kl_e
     ours_metrics = {**ppo.update_metrics(batch, stats, EOS), "lr": args.learning_rate, "episode": batch_size,
                     "epoch": 0.5, "step": 1}
 
-    # rollout post-processing (§5.4-§5.5)
+    # rollout post-processing (TRL's masks, rewards, GAE)
     theirs_advantages = torch.masked_fill(recorded["whitened"], recorded["padding_mask"], 0)
     for key in ("scores", "logprobs", "ref_logprobs", "values", "rewards", "returns", "non_score_reward"):
         torch.testing.assert_close(batch[key], recorded[key], **TOL, msg=key)
@@ -222,7 +222,7 @@ def test_update_matches_trl(tiny_models, tmp_path, monkeypatch, batch_size, kl_e
 def test_two_updates_match_trl(tiny_models, tmp_path, monkeypatch):
     """Two updates: the second starts from the first one's weights, AdamW moments and the next learning rate of the
     linear schedule. TRL's generation is replaced as above; its batches and behaviour logits of each update are fed
-    to ours (TRL's data order follows its unseeded global RNGs, spec §5.1). Logged metrics of both updates within
+    to ours (TRL's data order follows its unseeded global RNGs). Logged metrics of both updates within
     1e-5; final weights within 1e-4, as Adam's 8 steps amplify float32 summation-order noise (see the reward test)."""
     import datasets
     import transformers
@@ -286,8 +286,8 @@ def test_two_updates_match_trl(tiny_models, tmp_path, monkeypatch):
         set_lr(optimizer, lr)  # as ppo.main does
         query_responses = torch.cat((queries, responses), 1)
         logprobs = torch.log_softmax(logits, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
-        rollouts = ppo.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs,
-                                       args, PAD, EOS, None)
+        rollouts = rollout.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs,
+                                           args, PAD, EOS, None)
         batch = ppo.compute_advantages(rollouts, args, EOS)
         orders = [torch.as_tensor(p) for p in permutations[(update - 1) * 2 : update * 2]]
         stats = ppo.ppo_update(model, optimizer, batch, args, PAD, orders)
@@ -347,8 +347,8 @@ def test_sampling_is_reproducible_and_logprobs_match_a_forward(tiny_models):
 
     # the behaviour logprobs are those of a plain forward at the same temperature, on every non-padding position
     reward_model = load_pretrained(RewardModel, str(tiny_models / "reward"))
-    rollouts = ppo.score_responses(policy, reward_model, reward_model, queries, ours_qr, ours_logprobs, args, PAD, stop,
-                                   None)
+    rollouts = rollout.score_responses(policy, reward_model, reward_model, queries, ours_qr, ours_logprobs, args, PAD,
+                                       stop, None)
     batch = ppo.compute_advantages(rollouts, args, EOS)
     assert batch["padding_mask"].any() and not batch["padding_mask"].all()
     valid = ~batch["padding_mask"]
@@ -368,8 +368,9 @@ def test_bf16_autocast_tracks_fp32(tiny_models):
     reward_model = load_pretrained(RewardModel, str(tiny_models / "reward"))
     torch.manual_seed(0)
     query_responses, logprobs = rollout.sample_responses(policy, queries, args, PAD, EOS, torch.bfloat16)
-    rollouts = {precision: ppo.score_responses(policy, reward_model, reward_model, queries, query_responses, logprobs,
-                                               args, PAD, EOS, precision) for precision in (None, torch.bfloat16)}
+    rollouts = {precision: rollout.score_responses(policy, reward_model, reward_model, queries, query_responses,
+                                                   logprobs, args, PAD, EOS, precision)
+                for precision in (None, torch.bfloat16)}
     fp32, bf16 = rollouts[None], rollouts[torch.bfloat16]
     valid = ~ppo.compute_advantages(fp32, args, EOS)["padding_mask"]
     # behaviour logprobs sampled under autocast agree with a forward in bf16 and in fp32
@@ -504,8 +505,8 @@ def test_max_grad_norm_clips_the_joint_gradient(tiny_models):
     torch.manual_seed(0)
     args = our_config(num_ppo_epochs=1, num_mini_batches=1)
     query_responses, logprobs = rollout.sample_responses(policy, queries, args, PAD, EOS, None)
-    batch = ppo.compute_advantages(ppo.score_responses(policy, reward_model, reward_model, queries, query_responses,
-                                                       logprobs, args, PAD, EOS, None), args, EOS)
+    batch = ppo.compute_advantages(rollout.score_responses(policy, reward_model, reward_model, queries, query_responses,
+                                                           logprobs, args, PAD, EOS, None), args, EOS)
     deltas = {}
     for max_grad_norm in (0.0, 1e-3):
         # float64 weights, so that p_new - p_old carries no rounding of the weights (1e-7 of a norm weight of 1)
@@ -589,10 +590,10 @@ def _gathered_generation_worker(rank: int, world_size: int, port: int, folder: s
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     whole = load_pretrained(CausalLM, str(Path(folder) / "policy"))
     sharded = load_pretrained(CausalLM, str(Path(folder) / "policy"))
-    shard_model(sharded, "full_shard")
+    shard_model(sharded, "full_shard auto_wrap")  # many units, each gathered once
     queries = torch.tensor([[PAD, 5, 6], [7, 8, 9]])
     steps = 3 + 4 * rank  # the ranks stop at different steps: a forward that communicated would hang
-    with gathered_weights(sharded, "full_shard"):
+    with gathered_weights(sharded, "full_shard auto_wrap"):
         ours = generate(sharded, queries, PAD, steps, do_sample=False)
     reference = generate(whole, queries, PAD, steps, do_sample=False)
     sharded(queries.masked_fill(queries == PAD, 0)).sum().backward()  # sharded again: training works as before
@@ -633,14 +634,14 @@ def ddp_setup(folder: str, rollouts: dict, args: ppo.PPOConfig):
     model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
     halves = rollouts if isinstance(rollouts, list) else [rollouts]
-    batches = [ppo.compute_advantages(ppo.score_responses(
+    batches = [ppo.compute_advantages(rollout.score_responses(
         policy, value_model, reward_model, r["queries"], r["query_responses"], r["logprobs"], args, PAD, EOS, None),
         args, EOS) for r in halves]  # post-processing is per rank, as in TRL
     return model, optimizer, {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [None, "full_shard"])
+@pytest.mark.parametrize("fsdp", [None, "full_shard", "full_shard auto_wrap"])
 def test_two_ranks_match_one_process(tiny_models, tmp_path, fsdp):
     # Each rank holds 4 rollouts (per_device 2, GA 2) in 2 minibatches, one micro-batch each. One process with the
     # 8 rollouts, GA 4 and minibatches made of one minibatch from each rank steps on the same mean gradient.

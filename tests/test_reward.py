@@ -129,10 +129,11 @@ def torchrun(*args: str) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("fsdp", ["none", "full_shard", "shard_grad_op"])
+@pytest.mark.parametrize("fsdp", ["none", "full_shard", "shard_grad_op", "full_shard auto_wrap"])
 def test_torchrun_two_ranks_equals_one_process_with_double_batch(tmp_path, data_dir, fsdp):
-    """DDP, or FSDP2 with each block its own unit; evaluation on 3 batches of the 10 test pairs, so one rank has one
-    batch fewer (under FSDP it runs a spare forward, since every forward gathers the weights from both ranks)."""
+    """DDP, or FSDP2 with the whole model one unit or (auto_wrap) each block its own unit; evaluation on 3 batches of
+    the 10 test pairs, so one rank has one batch fewer (under FSDP it runs a spare forward, since every forward
+    gathers the weights from both ranks)."""
     model_dir = write_model(tmp_path / "model")
     common = [f"--model_name_or_path={model_dir}", f"--dataset_name={data_dir}", "--disable_tqdm=true",
               "--learning_rate=3e-3", "--logging_steps=1", "--max_steps=4", "--save_strategy=no",

@@ -147,7 +147,6 @@ def assert_same_tokenizer(ours: Tokenizer, theirs) -> None:
         ours_ids = [ours.encode(text, add_special_tokens=add_special_tokens) for text in TEXTS]
         theirs_ids = [theirs.encode(text, add_special_tokens=add_special_tokens) for text in TEXTS]
         assert ours_ids == theirs_ids
-        assert ours(TEXTS, add_special_tokens=add_special_tokens)["input_ids"] == theirs_ids
     for skip_special_tokens in (True, False):
         ids = [theirs.encode(text) for text in TEXTS]
         assert ours.batch_decode(ids, skip_special_tokens) == theirs.batch_decode(ids, skip_special_tokens)
@@ -162,7 +161,6 @@ def test_matches_transformers(tokenizer_dirs, style):
     assert_same_tokenizer(ours, theirs)
     tokens = ["<|endoftext|>", "<s>", "</s>", "not-a-token"]
     assert ours.convert_tokens_to_ids(tokens) == theirs.convert_tokens_to_ids(tokens)
-    assert ours("Hello world!") == dict(theirs("Hello world!"))
 
 
 def test_bos_from_post_processor_not_config(tokenizer_dirs):
