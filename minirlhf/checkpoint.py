@@ -101,8 +101,8 @@ def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, s
 
 
 def load_checkpoint_weights(path: Path, models: dict) -> None:
-    """Load each model of `models` (subfolder -> model, as save_checkpoint takes them) from checkpoint `path`, over
-    the starting weights, so that a new score head has drawn the same random numbers as in the first run."""
+    """Each model (subfolder -> model, as save_checkpoint takes them) from checkpoint `path`, over the starting
+    weights (so that a new score head drew the same random numbers as in the first run)."""
     for sub, model in models.items():
         param = next(model.parameters())
         trained = load_pretrained(type(model), str(path / sub), dtype=param.dtype, device=param.device)
@@ -110,8 +110,7 @@ def load_checkpoint_weights(path: Path, models: dict) -> None:
 
 
 def load_checkpoint(path: Path, optimizer, rank: int = 0) -> dict:
-    """Restore the optimizer and this rank's RNG state; return trainer_state (load_checkpoint_weights loads the
-    weights, before the models are sharded)."""
+    """Restore the optimizer and this rank's RNG state; return trainer_state (the weights: load_checkpoint_weights)."""
     load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     rng_file = path / f"rng_state_{rank}.pth"
     if rng_file.exists():

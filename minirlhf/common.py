@@ -1,8 +1,7 @@
 """What every entry point needs around its loop: processes and devices, seeding, precision, collectives, logging.
 
-`init_distributed()` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); without it the same code runs as
-one plain process. Only rank 0 prints and writes files. Metrics go to `output_dir/metrics.jsonl` (one JSON object
-per log event, TRL's keys), to the console, and to TensorBoard when `report_to` asks for it (nanochat's common.py).
+`init_distributed()` reads torchrun's environment; without it the same code runs as one plain process. Only rank 0
+prints and writes: metrics go to output_dir/metrics.jsonl (TRL's keys), the console and optionally TensorBoard.
 """
 
 import contextlib

@@ -62,14 +62,11 @@ def import_function(spec: str, key: str):
     """The function named by "package.module:function", imported like any local module (never code from a model or
     dataset folder); a ConfigError naming `key` if it cannot be."""
     module_name, _, name = spec.partition(":")
-    if not (module_name and name):
-        raise ConfigError(f"{key}: {spec!r} is not of the form 'package.module:function'", key)
     try:
-        function = getattr(importlib.import_module(module_name), name)
+        function = getattr(importlib.import_module(module_name), name) if module_name and name else None
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"{key}: cannot import {spec!r} ({type(e).__name__}: {e})", key) from None
-    if not callable(function):
-        raise ConfigError(f"{key}: {spec!r} is not a function", key)
+    require(callable(function), key, f"{spec!r} is not a function 'package.module:function'")
     return function
 
 

@@ -1,9 +1,6 @@
-"""Where models, tokenizers and datasets come from: a local path as it is, anything else from the Hugging Face Hub.
-
-A Hub id is downloaded by huggingface_hub (or found in its cache; HF_HUB_OFFLINE=1 never touches the network), only
-the files matching `patterns`. A name that looks like a path (it starts with ".", "/" or "~", has more than one "/"
-or a file suffix) and does not exist is an error at once, rather than a Hub request for a repository that cannot
-exist; a Hub failure (offline, unknown id) is one line too.
+"""Where models, tokenizers and datasets come from: a local path as it is, anything else from the Hugging Face Hub
+(huggingface_hub's cache; HF_HUB_OFFLINE=1 never touches the network). A name that looks like a path (a leading ".",
+"/" or "~", two "/" or a file suffix) and does not exist is a one-line error at once, as is a Hub failure.
 """
 
 from pathlib import Path

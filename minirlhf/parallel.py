@@ -15,13 +15,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minirlhf.common import print0
-from minirlhf.config import require
-
-
-def require_torchrun_for_fsdp(fsdp: str | None) -> None:
-    """FSDP shards over the processes torchrun starts; asked for in a plain process, it is a one-line config error."""
-    require(not fsdp or dist.is_initialized(), "fsdp",
-            "needs several processes: launch with torchrun --nproc_per_node=N, or leave fsdp unset")
 
 
 def reshards_after_forward(fsdp: str) -> bool:
@@ -73,9 +66,8 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
 
 @contextlib.contextmanager
 def gathered_weights(model: torch.nn.Module, fsdp: str | None):
-    """An FSDP-sharded model's whole weights on every rank for a stretch of forwards, then sharded again (TRL's
-    ds3_gather_for_generation): sampling token by token then gathers once instead of once per token, and each rank
-    stops when its own rows are done. A no-op without FSDP."""
+    """An FSDP model's whole weights on every rank for a stretch of forwards (TRL's ds3_gather_for_generation): token
+    by token sampling gathers once, not per token, and each rank stops when its rows are done. No-op without FSDP."""
     if not fsdp:
         yield
         return
@@ -94,9 +86,8 @@ def gathered_weights(model: torch.nn.Module, fsdp: str | None):
 
 
 def full_tensor(t):
-    """An FSDP shard (DTensor) gathered whole, on CPU; anything else as it is. Gathering is a collective: every rank
-    calls it, for the same tensors in the same order. Callers gather one tensor at a time, so an accelerator never
-    holds more than one whole tensor (every rank collects the whole state in CPU memory)."""
+    """An FSDP shard (DTensor) gathered whole, on CPU; anything else as it is. A collective: every rank calls it for
+    the same tensors in the same order, one at a time, so an accelerator never holds more than one whole tensor."""
     return t.full_tensor().cpu() if isinstance(t, DTensor) else t
 
 

@@ -191,7 +191,7 @@ class PPOConfig(TrainingConfig):
 
 def main(argv: list[str] | None = None) -> None:
     run = start(PPOConfig, argv)
-    args, device, rank = run.args, run.device, run.dist.rank
+    args, device, rank = run.args, run.dist.device, run.dist.rank
     with exit_on_bad_input():
         tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model = load(args, run)
     pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -281,7 +281,7 @@ def load(args: PPOConfig, run) -> tuple:
                          f"{args.batch_size} (per_device_train_batch_size * gradient_accumulation_steps * ranks)")
 
     # value and reward model from the reward model, policy and reference from the SFT model
-    load_kwargs = dict(dtype=args.dtype, device=run.device)
+    load_kwargs = dict(dtype=args.dtype, device=run.dist.device)
     value_model = load_pretrained(RewardModel, args.reward_model_path, **load_kwargs)
     reward_model = load_pretrained(RewardModel, args.reward_model_path, **load_kwargs).eval().requires_grad_(False)
     policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs)

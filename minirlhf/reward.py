@@ -75,7 +75,7 @@ class RewardConfig(TrainingConfig):
 
 def main(argv: list[str] | None = None) -> None:
     run = start(RewardConfig, argv)
-    args, device = run.args, run.device
+    args, device = run.args, run.dist.device
     with exit_on_bad_input():
         model, tokenizer, train_dataset, eval_dataset = load(args, device)
     train_model, optimizer, state = prepare(run, model, {"": model})
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     offload = torch.autograd.graph.save_on_cpu if args.activation_offloading else contextlib.nullcontext
     seed = args.seed if args.data_seed is None else args.data_seed
 
-    start_time, epoch_float, last_eval = time.time(), float(state["epoch"]), -1
+    start_time, epoch_float = time.time(), float(state["epoch"])
     while state["step"] < total_steps:
         # 1. this epoch's micro-batches for this rank, in groups of gradient_accumulation_steps (the last may be short)
         epoch = state["epoch"]
@@ -143,7 +143,6 @@ def main(argv: list[str] | None = None) -> None:
             if due(args.eval_strategy, step, eval_steps, epoch_end) or (args.eval_strategy == "steps" and done):
                 metrics = evaluate(train_model, eval_dataset, args, run, tokenizer.pad_token_id)
                 logger.log({**metrics, "eval_num_tokens": state["num_tokens"], "epoch": epoch_float, "step": step})
-                last_eval = step
             if due(args.save_strategy, step, save_steps, epoch_end) or (args.save_strategy == "steps" and done):
                 save_checkpoint(args.output_dir, step, {"": model}, tokenizer, optimizer, state, config_to_toml(args),
                                 run.dist.rank, args.save_total_limit)
@@ -159,7 +158,6 @@ def main(argv: list[str] | None = None) -> None:
                 "step": state["step"]})
     logger.close()
     save_final(run, {"": model}, tokenizer)
-    print0(f"[minirlhf] last evaluation at step {last_eval}")
     cleanup_distributed()
 
 
@@ -198,8 +196,7 @@ def load(args: RewardConfig, device: torch.device):
 
 @torch.no_grad()
 def batch_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> dict[str, float]:
-    """reward_metrics over every rank's micro-batch, as TRL gathers them (`RewardTrainer.compute_loss`; ranks hold
-    equal batches)."""
+    """reward_metrics over every rank's (equal) micro-batch, as TRL gathers them in `RewardTrainer.compute_loss`."""
     ops = {"min_reward": "min", "max_reward": "max"}
     local = reward_metrics(rewards_chosen, rewards_rejected)
     return {k: all_reduce(torch.tensor(v), ops.get(k, "mean")).item() for k, v in local.items()}
@@ -207,9 +204,8 @@ def batch_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) 
 
 @torch.no_grad()
 def evaluate(model, eval_dataset: list[dict], args: RewardConfig, run: Run, pad_token_id: int) -> dict[str, float]:
-    """eval_loss weighted by pairs, TRL's reward metrics averaged over batches (transformers'
-    `Trainer.evaluation_loop`, TRL's `RewardTrainer.evaluate` metrics)."""
-    start_time, (rank, world), device = time.time(), (run.dist.rank, run.dist.world_size), run.device
+    """eval_loss weighted by pairs, TRL's reward metrics averaged over batches (transformers' evaluation_loop)."""
+    start_time, (rank, world), device = time.time(), (run.dist.rank, run.dist.world_size), run.dist.device
     model.eval()
     all_batches = [range(i, min(i + args.per_device_eval_batch_size, len(eval_dataset)))
                    for i in range(0, len(eval_dataset), args.per_device_eval_batch_size)]

@@ -1,10 +1,7 @@
-"""Rollouts for online RL: sample responses to a batch of prompts, score them (reference logprobs, values, reward
-model, Python functions of the texts), and the near-greedy sample completions a run logs as it trains.
-
-`sample_responses` and `score_responses` are the no-grad rollout phase of TRL's `PPOTrainer.train`
-(trl/experimental/ppo/ppo_trainer.py); `sample_completions` and `log_completions` are its `generate_completions`.
-Text functions take TRL's reward-function arguments, `f(prompts=[...], completions=[...]) -> [float, ...]`, and are
-named in a config as "package.module:function" (e.g. "minirlhf.toytask:gold_score").
+"""Rollouts for online RL: sample responses, score them (reference logprobs, values, reward model, functions of the
+texts), and the near-greedy completions a run logs as it trains: the no-grad phase of TRL's `PPOTrainer.train` and its
+`generate_completions` (trl/experimental/ppo/ppo_trainer.py). Text functions take TRL's reward-function arguments,
+`f(prompts=[...], completions=[...]) -> [float, ...]`, named in a config as "package.module:function".
 """
 
 import json
@@ -91,8 +88,7 @@ def score_responses(ref_policy: CausalLM, value_model: RewardModel, reward_model
 
 def text_scores(funcs: dict[str, Callable], tokenizer: Tokenizer, queries: torch.Tensor,
                 responses: torch.Tensor) -> dict[str, list[float]]:
-    """Each function's score of every row, on the decoded texts without special tokens (as TRL decodes for its
-    reward functions): left-padded query ids (B, ctx) and response ids (B, T), truncated at the stop token."""
+    """Each function's scores of (B, ctx) query and (B, T) response ids, decoded without special tokens (as TRL)."""
     prompts = tokenizer.batch_decode(queries.tolist(), skip_special_tokens=True)
     completions = tokenizer.batch_decode(responses.tolist(), skip_special_tokens=True)
     return {name: [float(x) for x in func(prompts=prompts, completions=completions)] for name, func in funcs.items()}

@@ -34,12 +34,9 @@ from minirlhf.training import count_steps, due, optimizer_step, prepare, save_fi
 class SFTConfig(TrainingConfig):
     """Supervised fine-tuning (TRL SFTConfig's defaults for the fields below)."""
 
-    unused: ClassVar[dict[str, str]] = {
-        "eval_strategy": "evaluation is not implemented in minirlhf.sft",
-        "eval_steps": "evaluation is not implemented in minirlhf.sft",
-        "per_device_eval_batch_size": "evaluation is not implemented in minirlhf.sft",
-        "dataset_test_split": "evaluation is not implemented in minirlhf.sft",
-    }
+    unused: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("eval_strategy", "eval_steps", "per_device_eval_batch_size", "dataset_test_split"),
+        "evaluation is not implemented in minirlhf.sft")
 
     learning_rate: float = 2e-5
     """peak AdamW learning rate (TRL SFTConfig's default)"""
@@ -53,7 +50,7 @@ class SFTConfig(TrainingConfig):
 
 def main(argv: list[str] | None = None) -> None:
     run = start(SFTConfig, argv)
-    args, device, world = run.args, run.device, run.dist.world_size
+    args, device, world = run.args, run.dist.device, run.dist.world_size
     per_device, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
     with exit_on_bad_input():
         model, tokenizer, dataset = load(args, device)

@@ -15,10 +15,10 @@ from torch import nn
 
 from minirlhf.checkpoint import load_checkpoint, load_checkpoint_weights, resolve_resume
 from minirlhf.common import Dist, init_distributed, print0, resolve_precision, seed_everything
-from minirlhf.config import TrainingConfig, exit_on_bad_input, parse_config_or_exit, save_config
+from minirlhf.config import TrainingConfig, exit_on_bad_input, parse_config_or_exit, require, save_config
 from minirlhf.hf import save_pretrained
 from minirlhf.optim import AdamW, lr_multiplier, param_groups, steps_from
-from minirlhf.parallel import distribute, full_model_state, full_tensor, require_torchrun_for_fsdp
+from minirlhf.parallel import distribute, full_model_state, full_tensor
 
 
 @dataclass
@@ -31,26 +31,22 @@ class Run:
     precision: torch.dtype | None
     resume: Path | None
 
-    @property
-    def device(self) -> torch.device:
-        return self.dist.device
-
 
 def start(config_class: type, argv: list[str] | None) -> Run:
     args = parse_config_or_exit(config_class, argv)
     dist = init_distributed()
     with exit_on_bad_input():
-        require_torchrun_for_fsdp(args.fsdp)
+        # FSDP shards over the processes torchrun starts; in a plain process it is a config error
+        require(not args.fsdp or torch.distributed.is_initialized(), "fsdp",
+                "needs several processes: launch with torchrun --nproc_per_node=N, or leave fsdp unset")
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     seed_everything(args.seed)  # before loading: a new score head is the first random draw (huggingface/trl#4887)
     return Run(args, dist, resolve_precision(args.bf16, args.fp16, dist.device), resume)
 
 
 def prepare(run: Run, model: nn.Module, saved: dict[str, nn.Module], sharded: tuple[nn.Module, ...] = ()):
-    """Returns (the module the loop calls, the optimizer over `model`, trainer_state or None on a fresh start).
-
-    `saved` maps each checkpoint subfolder to its model ("" = the checkpoint itself); `sharded` lists the models to
-    shard under FSDP when `model` is a wrapper around several (default: `model`)."""
+    """(the module the loop calls, the optimizer over `model`, trainer_state or None on a fresh start). `saved` maps
+    each checkpoint subfolder to its model ("" = the checkpoint itself); `sharded`: the models to shard (FSDP)."""
     args = run.args
     if run.resume is not None:
         load_checkpoint_weights(run.resume, saved)  # before sharding: whole tensors into whole parameters
@@ -101,11 +97,11 @@ def due(strategy: str, step: int, every: int, epoch_end: bool) -> bool:
 
 
 def save_final(run: Run, models: dict[str, nn.Module], tokenizer) -> None:
-    """Each model (subfolder -> model) into output_dir in Hugging Face layout, with the tokenizer; every rank calls
-    this (gathering sharded weights is a collective), rank 0 writes."""
+    """Each model (subfolder -> model) and the tokenizer into output_dir; every rank calls it, rank 0 writes."""
     weights = {sub: full_model_state(model) for sub, model in models.items()}
     if run.dist.is_main:
         for sub, model in models.items():
             save_pretrained(model, str(Path(run.args.output_dir) / sub), state_dict=weights[sub])
         tokenizer.save_pretrained(run.args.output_dir)
-        print0(f"[minirlhf] saved {', '.join(sub or 'the model' for sub in models)} to {run.args.output_dir}")
+        also = "".join(f" and {sub}/" for sub in models if sub)
+        print0(f"[minirlhf] saved the final model{also} to {run.args.output_dir}")

@@ -1,6 +1,7 @@
 """Plot metrics from a run's metrics.jsonl against its step (needs matplotlib, an optional extra).
 
-Usage: `python -m minirlhf.plot runs/ppo/metrics.jsonl objective/scores objective/gold_score --out ppo.png`
+Usage: `python benchmarks/plot.py runs/ppo/metrics.jsonl objective/scores objective/gold_score --out ppo.png`
+(it drew benchmarks/toy_reward.png and toy_ppo.png; a script beside the benchmarks, not part of the package).
 Each key gets its own panel; records without the key (e.g. eval records for a train key) are skipped.
 """
 
