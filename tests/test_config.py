@@ -31,6 +31,7 @@ from minirlhf.config import (
 )
 from minirlhf.ppo import PPOConfig
 from minirlhf.reward import RewardConfig
+from minirlhf.sft import SFTConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -407,3 +408,32 @@ def test_trl_yaml_config_as_toml(ours_cls, theirs_cls, tmp_path):
     for key in yaml.safe_load(yaml_text):
         ours_value = getattr(ours, key, ours_cls.trl_defaults_only.get(key))
         assert ours_value == _theirs_normalised(key, theirs[key]), key
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fields a trainer does not use are refused, not ignored; text functions are imported at parse time
+
+
+@pytest.mark.parametrize("cls, key, value", [
+    (PPOConfig, "logging_steps", 5), (PPOConfig, "eval_strategy", "steps"), (PPOConfig, "dataloader_drop_last", True),
+    (PPOConfig, "max_steps", 10), (SFTConfig, "eval_strategy", "steps"), (SFTConfig, "per_device_eval_batch_size", 4),
+])
+def test_unused_fields_are_refused(cls, key, value, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        parse_config(cls, [f"--{key}", str(value).lower(), "--output_dir", str(tmp_path)])
+    assert e.value.key == key and str(e.value).startswith(f"command line: {key}: ") and "leave it unset" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+    parse_config(cls, [f"--{key}", str(getattr(cls(), key)).lower() if getattr(cls(), key) is not None else "none"])
+
+
+def test_metric_funcs(tmp_path):
+    cfg = parse_config(PPOConfig, ["--metric_funcs", "minirlhf.toytask:gold_score,minirlhf.toytask:gold_score"])
+    assert cfg.metric_funcs == ["minirlhf.toytask:gold_score"] * 2
+    toml = _write(tmp_path, 'metric_funcs = ["minirlhf.toytask:gold_score"]\n')
+    assert parse_config(PPOConfig, [toml]).metric_funcs == ["minirlhf.toytask:gold_score"]
+    for bad, problem in (("minirlhf.toytask:nope", "cannot import"), ("nomodule:f", "No module named 'nomodule'"),
+                         ("minirlhf.toytask", "is not a function"), ("minirlhf.toytask:CATEGORIES", "not a function")):
+        with pytest.raises(ConfigError, match=f"^command line: metric_funcs: .*{problem}"):
+            parse_config(PPOConfig, ["--metric_funcs", bad])
+    with pytest.raises(ConfigError, match="metric_funcs: expected list"):
+        parse_config(PPOConfig, [_write(tmp_path, "metric_funcs = [1]\n")])

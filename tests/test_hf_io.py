@@ -2,6 +2,7 @@
 cache, gradient checkpointing, and the errors for bad folders."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -153,3 +154,15 @@ def test_corrupt_safetensors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"model\.safetensors: cannot read safetensors file"):
         load_pretrained(CausalLM, str(tmp_path))
+
+
+def test_missing_paths_and_hub_ids_are_one_line_errors(tmp_path, monkeypatch):
+    """A path that does not exist never becomes a Hub request; a Hub id that cannot be fetched offline says so."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    for name in (str(tmp_path / "missing"), "./runs/sft", "runs/sft/checkpoint-3", "model.safetensors"):
+        with pytest.raises(ValueError, match=f"^{re.escape(name)}: no such file or folder$"):
+            load_pretrained(CausalLM, name)
+    with pytest.raises(ValueError) as e:
+        load_pretrained(CausalLM, "tiny-org/not-cached")
+    assert "not found on the Hugging Face Hub" in str(e.value) and len(str(e.value).splitlines()) == 1
