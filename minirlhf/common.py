@@ -106,6 +106,19 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Keep the records of a JSON-lines log up to `step`: a fresh run (step 0) starts it anew, and a resumed run drops
+    what the interrupted one logged after its checkpoint (and a line cut off by a crash), so no step appears twice."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines() if step else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
 class MetricsLogger:
     """Rank 0 writes each log event to metrics.jsonl, the console (via tqdm) and optionally TensorBoard."""
 
@@ -117,6 +130,7 @@ class MetricsLogger:
             return
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        keep_records_up_to(output_dir / "metrics.jsonl", done_steps)
         self.file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         run_name = args.run_name or output_dir.name
         if args.report_to == "tensorboard":

@@ -30,6 +30,7 @@ the sharded reward model scores sample completions with every rank taking part, 
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from minirlhf.checkpoint import save_checkpoint
-from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, gather
+from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, gather, keep_records_up_to
 from minirlhf.config import TrainingConfig, config_to_toml, exit_on_bad_input, import_function, require
 from minirlhf.data import load_rows, prepare_prompt_dataset, prompt_batches
 from minirlhf.hf import load_pretrained
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     state = state or {"step": 0}
     save_steps = steps_from(args.save_steps, args.num_total_batches)
     logger = MetricsLogger(args, run.dist.is_main, args.num_total_batches, state["step"])
+    if run.dist.is_main:
+        keep_records_up_to(Path(args.output_dir) / "completions.jsonl", state["step"])
     start_update, start_time = state["step"], time.time()
     seed = args.seed if args.data_seed is None else args.data_seed  # TRL's PPO has no data_seed
     batches = prompt_batches(train_dataset, args.local_batch_size, pad_token_id, seed, rank, run.dist.world_size,

@@ -121,6 +121,23 @@ def test_resume_is_bitwise_equal(tmp_path, data_dir):
         assert torch.equal(resumed_weights[name], tensor), name
 
 
+def test_logs_start_anew_and_resume_without_repeats(tmp_path, data_dir):
+    """A fresh run into an output_dir that has an older metrics.jsonl starts the log anew (it used to append, so plots
+    joined two runs); a run resumed from checkpoint-4 after the interrupted one logged up to step 6 keeps steps 1-4
+    and logs 5-8 once each."""
+    model_dir = write_model(tmp_path / "model")
+    common = [f"--model_name_or_path={model_dir}", f"--dataset_name={data_dir}", "--disable_tqdm=true",
+              "--per_device_train_batch_size=4", "--logging_steps=1", "--gradient_checkpointing=false",
+              f"--output_dir={tmp_path / 'out'}", "--save_steps=4"]
+    reward.main([*common, "--max_steps=6"])
+    reward.main([*common, "--max_steps=6"])
+    assert [r["step"] for r in read_metrics(tmp_path / "out")] == [1, 2, 3, 4, 5, 6, 6]  # 6 logs + the final record
+    with open(tmp_path / "out" / "metrics.jsonl", "a") as f:
+        f.write('{"loss": 0.5, "st')  # a record cut off by a crash
+    reward.main([*common, "--max_steps=8", f"--resume_from_checkpoint={tmp_path / 'out' / 'checkpoint-4'}"])
+    assert [r["step"] for r in read_metrics(tmp_path / "out")] == [1, 2, 3, 4, 5, 6, 7, 8, 8]
+
+
 def torchrun(*args: str) -> str:
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "minirlhf.reward", *args], capture_output=True, text=True, timeout=300,
