@@ -65,7 +65,7 @@ from minirlhf.optim import set_lr, steps_from
 from minirlhf.parallel import gradient_sync
 from minirlhf.rollout import log_completions, sample_completions, sample_responses, score_responses, text_scores
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import optimizer_step, prepare, save_final, scheduled_lr, start
+from minirlhf.training import prepare, save_final, scheduled_lr, start
 
 
 @dataclass
@@ -406,7 +406,10 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                     stats["vf_clipfrac"][cell] = vf_clipfrac
                     stats["entropy"][cell] = entropy_from_logits(logits).mean()
                     stats["ratio"][cell] = ratio.mean()
-            optimizer_step(model, optimizer, args.max_grad_norm)  # TRL never clips in PPO
+            if args.max_grad_norm > 0:  # TRL never clips in PPO; no norm (a host sync) is computed otherwise
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     return stats
 
 

@@ -72,7 +72,6 @@ class RewardConfig(TrainingConfig):
                 f"must be a .jinja or .j2 file, got {path!r}")
 
 
-
 def main(argv: list[str] | None = None) -> None:
     run = start(RewardConfig, argv)
     args, device = run.args, run.dist.device
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             epoch_float = epoch + min((g + 1) * ga, len(batches)) / len(batches)
             logger.update()
 
-            # 4. log, evaluate and save on the transformers schedule (DefaultFlowCallback; steps runs also at the end)
+            # 4. log, evaluate and save on the transformers schedule (DefaultFlowCallback; "steps" also at the end)
             step, done, epoch_end = state["step"], state["step"] >= total_steps, g + 1 == len(groups)
             if due(args.logging_strategy, step, logging_steps, epoch_end) or (args.logging_first_step and step == 1):
                 window = state["window"]

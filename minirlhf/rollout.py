@@ -89,6 +89,8 @@ def score_responses(ref_policy: CausalLM, value_model: RewardModel, reward_model
 def text_scores(funcs: dict[str, Callable], tokenizer: Tokenizer, queries: torch.Tensor,
                 responses: torch.Tensor) -> dict[str, list[float]]:
     """Each function's scores of (B, ctx) query and (B, T) response ids, decoded without special tokens (as TRL)."""
+    if not funcs:
+        return {}  # no decoding every update for nothing
     prompts = tokenizer.batch_decode(queries.tolist(), skip_special_tokens=True)
     completions = tokenizer.batch_decode(responses.tolist(), skip_special_tokens=True)
     return {name: [float(x) for x in func(prompts=prompts, completions=completions)] for name, func in funcs.items()}
