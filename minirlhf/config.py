@@ -329,10 +329,13 @@ def _convert(value, tp, cli: bool):
     for option in options:
         if option is type(None):
             continue
-        if get_origin(option) is list:  # list[str]: a TOML array of strings, or comma-separated on the command line
+        if get_origin(option) is list:  # list[str] or list[float]: a TOML array, or comma-separated on the command line
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) and cli else value
-            if isinstance(items, list) and all(isinstance(v, str) for v in items):
-                return items
+            try:
+                if isinstance(items, list):
+                    return [_convert(v, get_args(option)[0], cli) for v in items]
+            except ValueError:
+                pass
             continue
         if isinstance(value, str) and option is not str and (cli or option is dict):
             try:

@@ -219,3 +219,51 @@ def ppo_value_loss(
     vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), ~padding_mask_p1)
     vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), ~padding_mask_p1)
     return vf_loss, vf_clipfrac
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Critic-free estimators (minirlhf.advantages): k samples per prompt, rows grouped [prompt 0 x k, prompt 1 x k, ...]
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) sequence rewards, B = prompts * k, k >= 2 -> (B,) advantages: each reward minus the mean of its k - 1
+    siblings' (Ahmadian et al. 2024, Eq. 6; TRL rloo_trainer.py `_generate_and_score_completions`)."""
+    grouped = rewards.view(-1, k)  # (prompts, k)
+    baselines = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)  # leave-one-out mean
+    return (grouped - baselines).view(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) sequence rewards, B = prompts * k, k >= 2 -> (B,) advantages (r - group mean) / (group std + 1e-4)
+    (Shao et al. 2024, Sec. 4.1.2; TRL grpo_trainer.py with scale_rewards="group", its 1e-4 and unbiased std)."""
+    grouped = rewards.view(-1, k)  # (prompts, k)
+    mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
+    return ((grouped - mean) / (std + 1e-4)).view(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B, T) per-token rewards -> (B, T) returns G_t = r_t + gamma * G_{t+1}, G_T = 0 (REINFORCE++, Hu 2025,
+    Sec. 3; OpenRLHF `get_cumulative_returns`)."""
+    returns = torch.empty_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns
+
+
+def sequence_policy_loss(
+    new_logprobs: torch.Tensor,
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    padding_mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RLOO's clipped surrogate on whole sequences: the ratio of (B, T) summed response logprobs, (B,) advantages,
+    mean over sequences (TRL rloo_trainer.py `_compute_loss`). Returns (pg_loss, pg_clipfrac, ratio (B,))."""
+    log_ratio = ((new_logprobs - logprobs) * ~padding_mask).sum(1)  # (B,)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = -torch.min(ratio * advantages, clipped * advantages).mean()
+    pg_clipfrac = (((ratio < 1 - cliprange) & (advantages < 0)) | ((ratio > 1 + cliprange) & (advantages > 0)))
+    return pg_loss, pg_clipfrac.float().mean(), ratio

@@ -390,10 +390,12 @@ class PolicyAndValue(nn.Module):
     PolicyAndValueWrapper): (B, T) inputs -> logits (B, logits_to_keep, vocab) of the last positions (all when 0)
     and values (B, T) at every position."""
 
-    def __init__(self, policy: CausalLM, value_model: RewardModel):
+    def __init__(self, policy: CausalLM, value_model: RewardModel | None):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
-        values = self.value_model.token_scores(input_ids, attention_mask, position_ids).squeeze(-1)
+        values = None  # critic-free estimators have no value model
+        if self.value_model is not None:
+            values = self.value_model.token_scores(input_ids, attention_mask, position_ids).squeeze(-1)
         return self.policy(input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep), values

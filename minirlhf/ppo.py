@@ -37,33 +37,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from minirlhf.advantages import ESTIMATORS, compute_advantages, policy_loss
 from minirlhf.checkpoint import save_checkpoint
-from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, gather, keep_records_up_to
+from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, gather, keep_records_up_to, print0
 from minirlhf.config import TrainingConfig, config_to_toml, exit_on_bad_input, import_function, require
 from minirlhf.data import load_rows, prepare_prompt_dataset, prompt_batches
 from minirlhf.hf import load_pretrained
-from minirlhf.losses import (
-    INVALID_LOGPROB,
-    compute_gae,
-    compute_rewards,
-    entropy_from_logits,
-    kl_penalty,
-    logprobs_from_logits,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
-)
-from minirlhf.model import (
-    CausalLM,
-    PolicyAndValue,
-    RewardModel,
-    disable_dropout,
-    gather_index,
-    model_inputs,
-)
+from minirlhf.losses import INVALID_LOGPROB, entropy_from_logits, logprobs_from_logits, ppo_value_loss
+from minirlhf.model import CausalLM, PolicyAndValue, RewardModel, disable_dropout, gather_index, model_inputs
 from minirlhf.optim import set_lr, steps_from
 from minirlhf.parallel import gradient_sync
-from minirlhf.rollout import log_completions, sample_completions, sample_responses, score_responses, text_scores
+from minirlhf.rollout import (
+    Stopwatch,
+    log_completions,
+    sample_completions,
+    sample_responses,
+    score_responses,
+    text_scores,
+    weighted_sum,
+)
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import prepare, save_final, scheduled_lr, start
 
@@ -89,8 +81,11 @@ class PPOConfig(TrainingConfig):
     """peak AdamW learning rate, shared by the policy and the value model (TRL PPOConfig's default)"""
     sft_model_path: str = "EleutherAI/pythia-160m"
     """the policy's starting point (an SFT causal LM); also the frozen reference policy"""
-    reward_model_path: str = "EleutherAI/pythia-160m"
-    """sequence-classification model that scores responses; also initialises the value model"""
+    reward_model_path: str | None = "EleutherAI/pythia-160m"
+    """sequence-classification model that scores responses; also initialises the value model. None: reward_funcs
+    alone score the responses"""
+    value_model_path: str | None = None
+    """minirlhf: where the value model starts; None: from reward_model_path, or sft_model_path without one"""
 
     # ---- rollouts
     total_episodes: int | None = None
@@ -131,6 +126,17 @@ class PPOConfig(TrainingConfig):
     """discount factor"""
     lam: float = 0.95
     """GAE lambda"""
+    advantage_estimator: str = "gae"
+    """minirlhf: "gae" (TRL's PPO, with a value model), or critic-free: "rloo" (TRL's RLOOTrainer), "grpo" (TRL's
+    GRPOTrainer), "reinforce_pp" (REINFORCE++); see minirlhf/advantages.py"""
+    num_generations: int = 1
+    """samples per prompt (TRL GRPO/RLOO's name): each batch of rollouts holds local_batch_size / k prompts k times;
+    "rloo" and "grpo" need >= 2"""
+    reward_funcs: list[str] | None = None
+    """TRL GRPO/RLOO's reward functions as "package.module:function" (f(prompts=..., completions=...) -> floats),
+    weighted and added to the reward model's score (or alone, without reward_model_path)"""
+    reward_weights: list[float] | None = None
+    """one weight per reward function (TRL's name); None: all 1.0"""
     metric_funcs: list[str] | None = None
     """minirlhf: "package.module:function" text functions (TRL's reward-function arguments) whose mean score is logged
     as objective/<function>, e.g. ["minirlhf.toytask:gold_score"]; they do not enter the reward"""
@@ -167,16 +173,31 @@ class PPOConfig(TrainingConfig):
         require(self.kl_estimator in ("k1", "k3"), "kl_estimator", f"{self.kl_estimator!r} is not 'k1' or 'k3'")
         for spec in self.metric_funcs or []:
             import_function(spec, "metric_funcs")
+        names = [import_function(spec, "reward_funcs").__name__ for spec in self.reward_funcs or []]
+        require(len(set(names)) == len(names), "reward_funcs", f"two functions share a name: {names}")
+        require(self.reward_weights is None or len(self.reward_weights) == len(names), "reward_weights",
+                f"{len(self.reward_weights or [])} weights for {len(names)} reward_funcs")
+        require(self.reward_model_path is not None or names, "reward_model_path",
+                "is none and there are no reward_funcs: nothing scores the responses")
+        require(self.advantage_estimator in ESTIMATORS, "advantage_estimator",
+                f"{self.advantage_estimator!r} is not one of {', '.join(ESTIMATORS)}")
+        least = 2 if self.advantage_estimator in ("rloo", "grpo") else 1  # a group baseline needs two samples
+        require(self.num_generations >= least, "num_generations", f"must be >= {least}, got {self.num_generations}")
+        require(self.value_model_path is None or self.advantage_estimator == "gae", "value_model_path",
+                f"advantage_estimator {self.advantage_estimator!r} has no value model")
         require(self.save_strategy != "epoch", "save_strategy", "PPO saves every save_steps updates ('steps') or 'no'")
 
     def set_runtime_sizes(self, world_size: int, train_dataset_len: int, rank: int = 0) -> None:
         """Fill the runtime block from the number of ranks and prompts, as TRL's PPOTrainer.__init__ does."""
-        if self.total_episodes is None:  # episodes given in epochs
-            self.total_episodes = int(self.num_train_epochs * train_dataset_len)
+        if self.total_episodes is None:  # episodes given in epochs; an episode is a rollout, k per prompt
+            self.total_episodes = int(self.num_train_epochs * train_dataset_len * self.num_generations)
         self.world_size = world_size
         self.local_batch_size = self.per_device_train_batch_size * self.gradient_accumulation_steps
         self.micro_batch_size = self.per_device_train_batch_size * world_size
         self.batch_size = self.local_batch_size * world_size
+        require(self.local_batch_size % self.num_generations == 0, "num_generations",
+                f"local_batch_size = {self.local_batch_size} is not a multiple of num_generations = "
+                f"{self.num_generations}")
         for key, of in (("mini_batch_size", "batch_size"), ("local_mini_batch_size", "local_batch_size")):
             size = getattr(self, of)
             require(size % self.num_mini_batches == 0, "num_mini_batches",
@@ -198,10 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     stop_token_id = eos_token_id if args.stop_token == "eos" else args.stop_token_id
     metric_funcs = {spec.rpartition(":")[2]: import_function(spec, "metric_funcs") for spec in args.metric_funcs or []}
+    reward_funcs = {spec.rpartition(":")[2]: import_function(spec, "reward_funcs") for spec in args.reward_funcs or []}
+    reward_weights = dict(zip(reward_funcs, args.reward_weights or [1.0] * len(reward_funcs), strict=True))
     torch.manual_seed(args.local_seed)  # TRL: each rank samples from its own seed
     model = PolicyAndValue(policy, value_model).train()  # one optimizer, one DDP wrapper for both (TRL's wrapper)
-    train_model, optimizer, state = prepare(run, model, {"": policy, "value_model": value_model},
-                                            sharded=(policy, value_model, ref_policy, reward_model))
+    saved = {"": policy, **({"value_model": value_model} if value_model is not None else {})}
+    train_model, optimizer, state = prepare(run, model, saved, sharded=tuple(
+        m for m in (policy, value_model, ref_policy, reward_model) if m is not None))
     state = state or {"step": 0}
     save_steps = steps_from(args.save_steps, args.num_total_batches)
     logger = MetricsLogger(args, run.dist.is_main, args.num_total_batches, state["step"])
@@ -209,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         keep_records_up_to(Path(args.output_dir) / "completions.jsonl", state["step"])
     start_update, start_time = state["step"], time.time()
     seed = args.seed if args.data_seed is None else args.data_seed  # TRL's PPO has no data_seed
-    batches = prompt_batches(train_dataset, args.local_batch_size, pad_token_id, seed, rank, run.dist.world_size,
+    k = args.num_generations  # each prompt is sampled k times: local_batch_size / k prompts per update
+    batches = prompt_batches(train_dataset, args.local_batch_size // k, pad_token_id, seed, rank, run.dist.world_size,
                              start=start_update)
 
     for update in range(start_update + 1, args.num_total_batches + 1):
@@ -217,41 +242,48 @@ def main(argv: list[str] | None = None) -> None:
         # the schedule steps once per update: warmup counts updates (TRL: num_training_steps = num_total_batches)
         lr = scheduled_lr(args, update - 1, args.num_total_batches)
         set_lr(optimizer, lr)
-        queries = next(batches).to(device)  # (local_batch_size, context_length)
+        queries = next(batches).to(device).repeat_interleave(k, 0)  # (local_batch_size, context_length)
 
         # rollouts (no grad): sampling, then Response Processing 1-2 (reference logprobs, values, scores)
+        clock = Stopwatch(device)
         query_responses, logprobs = sample_responses(policy, queries, args, pad_token_id, stop_token_id,
                                                      run.precision)
+        clock.lap("generation")
         rollouts = score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs, args,
                                    pad_token_id, stop_token_id, run.precision)
+        # the texts' scores: reward functions enter the score with their weights, metric functions are only logged
+        extra = text_scores({**metric_funcs, **reward_funcs}, tokenizer, queries, rollouts["postprocessed_responses"])
+        if reward_funcs:
+            rollouts["raw_scores"] = rollouts["raw_scores"] + weighted_sum(extra, reward_weights, device)
+        clock.lap("scoring")
         # Response Processing 3 (EOS penalty), 4. compute rewards, 5. whiten rewards, 6. advantages and returns
         batch = compute_advantages(rollouts, args, eos_token_id)
         # PPO epochs over minibatches, one optimizer step each
         stats = ppo_update(train_model, optimizer, batch, args, pad_token_id, minibatch_orders(args, update),
                            run.precision)
+        clock.lap("update")
 
         # log every update, save on save_steps, sample completions every sample_generations_freq updates
-        extra = text_scores(metric_funcs, tokenizer, queries, batch["postprocessed_responses"])
         eps = int((update - start_update) * args.batch_size / (time.time() - start_time))
-        logger.log({"eps": eps, **update_metrics(batch, stats, eos_token_id, extra), "lr": lr, "episode": episode,
-                    "epoch": episode / len(train_dataset), "step": update})
+        logger.log({"eps": eps, **update_metrics(batch, stats, eos_token_id, extra), **clock.metrics(batch), "lr": lr,
+                    "episode": episode, "epoch": episode / (k * len(train_dataset)), "step": update})
         logger.update()
         if args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches):
-            save_checkpoint(args.output_dir, update, {"": policy, "value_model": value_model}, tokenizer, optimizer,
-                            {"step": update, "episode": episode}, config_to_toml(args), rank, args.save_total_limit)
+            save_checkpoint(args.output_dir, update, saved, tokenizer, optimizer, {"step": update, "episode": episode},
+                            config_to_toml(args), rank, args.save_total_limit)
         # rank 0 samples alone; sharded models need every rank, which then all compute the same completions
         if (run.dist.is_main or args.fsdp) and eval_dataset and (update - 1) % args.sample_generations_freq == 0:
             rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id,
-                                      run.precision, metric_funcs, num_batches=1)
+                                      run.precision, {**metric_funcs, **reward_funcs}, reward_weights, num_batches=1)
             if run.dist.is_main:
                 log_completions(rows, update, args.output_dir)
 
     # the policy (TRL's save_model), the value model (TRL drops it) and final completions (TRL's ppo.py)
     logger.close()
-    save_final(run, {"": policy, "value_model": value_model}, tokenizer)
+    save_final(run, saved, tokenizer)
     if (run.dist.is_main or args.fsdp) and eval_dataset:
         rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id, run.precision,
-                                  metric_funcs)
+                                  {**metric_funcs, **reward_funcs}, reward_weights)
         if run.dist.is_main:
             log_completions(rows, args.num_total_batches, args.output_dir)
     cleanup_distributed()
@@ -283,55 +315,29 @@ def load(args: PPOConfig, run) -> tuple:
         raise ValueError(f"{args.dataset_name}: {len(train_dataset)} prompts, fewer than one batch of "
                          f"{args.batch_size} (per_device_train_batch_size * gradient_accumulation_steps * ranks)")
 
-    # value and reward model from the reward model, policy and reference from the SFT model
+    # value and reward model from the reward model, policy and reference from the SFT model; critic-free
+    # estimators build no value model, reward functions alone no reward model
     load_kwargs = dict(dtype=args.dtype, device=run.dist.device)
-    value_model = load_pretrained(RewardModel, args.reward_model_path, **load_kwargs)
-    reward_model = load_pretrained(RewardModel, args.reward_model_path, **load_kwargs).eval().requires_grad_(False)
+    value_model, reward_model = None, None
+    if args.advantage_estimator == "gae":
+        value_path = args.value_model_path or args.reward_model_path or args.sft_model_path
+        print0(f"[minirlhf] value model from {value_path}")
+        value_model = load_pretrained(RewardModel, value_path, **load_kwargs)
+    if args.reward_model_path is not None:
+        reward_model = load_pretrained(RewardModel, args.reward_model_path, **load_kwargs).eval().requires_grad_(False)
     policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs)
     ref_policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs).eval().requires_grad_(False)
-    if reward_model.cfg.vocab_size != policy.cfg.vocab_size:  # policy ids go straight in (huggingface/trl#1674)
-        raise ValueError(f"reward_model_path: vocabulary of {reward_model.cfg.vocab_size} tokens, but sft_model_path "
-                         f"has {policy.cfg.vocab_size}; PPO needs one tokenizer for all models")
+    for key, m in (("reward_model_path", reward_model), ("value_model_path", value_model)):
+        if m is not None and m.cfg.vocab_size != policy.cfg.vocab_size:  # policy ids go in (huggingface/trl#1674)
+            raise ValueError(f"{key}: vocabulary of {m.cfg.vocab_size} tokens, but sft_model_path has "
+                             f"{policy.cfg.vocab_size}; PPO needs one tokenizer for all models")
     for m in (policy, ref_policy, value_model, reward_model):
-        disable_dropout(m)
+        if m is not None:
+            disable_dropout(m)
     for m in (policy, value_model):
-        m.transformer.gradient_checkpointing = args.gradient_checkpointing  # TRL never applies it
+        if m is not None:
+            m.transformer.gradient_checkpointing = args.gradient_checkpointing  # TRL never applies it
     return tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model
-
-
-@torch.no_grad()
-def compute_advantages(rollouts: dict[str, torch.Tensor], args: PPOConfig,
-                       eos_token_id: int | None) -> dict[str, torch.Tensor]:
-    """The rest of TRL's no-grad rollout phase on one rank's rollouts: the missing-EOS penalty, padding masks,
-    per-token KL rewards with the score at L + 1, whitening, GAE. Returns the rollouts extended with what the update
-    and the metrics read, under TRL's names: logprobs, ref_logprobs and values masked, scores penalised."""
-    responses, sequence_lengths = rollouts["responses"], rollouts["sequence_lengths"]
-    # Response Processing 3. Filter completion: responses without EOS get a lower score (EOS, not the stop token)
-    contain_eos_token = torch.any(rollouts["postprocessed_responses"] == eos_token_id, dim=-1)
-    scores = rollouts["raw_scores"].clone()  # (B,)
-    if args.missing_eos_penalty is not None:
-        scores[~contain_eos_token] -= args.missing_eos_penalty
-
-    response_idxs = torch.arange(responses.shape[1], device=responses.device).repeat(responses.shape[0], 1)  # (B, T)
-    padding_mask = response_idxs > sequence_lengths.unsqueeze(1)  # (B, T): True after L
-    padding_mask_p1 = response_idxs > (sequence_lengths + 1).unsqueeze(1)  # keeps L + 1 for the value function
-    # be very careful with `padding_mask_p1` (TRL's warning): values keep the slot after the last token
-    logprobs = rollouts["raw_logprobs"].masked_fill(padding_mask, INVALID_LOGPROB)
-    ref_logprobs = rollouts["raw_ref_logprobs"].masked_fill(padding_mask, INVALID_LOGPROB)
-    values = rollouts["raw_values"].masked_fill(padding_mask_p1, 0)
-
-    # 4. compute rewards
-    kl = kl_penalty(logprobs, ref_logprobs, args.kl_estimator)  # (B, T)
-    rewards, non_score_reward = compute_rewards(kl, args.kl_coef, scores, sequence_lengths)
-    # 5. whiten rewards
-    if args.whiten_rewards:
-        rewards = masked_whiten(rewards, ~padding_mask_p1, shift_mean=False).masked_fill(padding_mask_p1, 0)
-    # 6. compute advantages and returns
-    advantages, returns = compute_gae(rewards, values, args.gamma, args.lam)  # returns before whitening
-    advantages = masked_whiten(advantages, ~padding_mask).masked_fill(padding_mask, 0)
-    return {**rollouts, "scores": scores, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values,
-            "padding_mask": padding_mask, "padding_mask_p1": padding_mask_p1, "kl": kl,
-            "non_score_reward": non_score_reward, "rewards": rewards, "advantages": advantages, "returns": returns}
 
 
 def minibatch_orders(args: PPOConfig, update: int) -> list[torch.Tensor]:
@@ -364,21 +370,18 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     device = query_responses.device
     micro_starts = range(0, args.local_mini_batch_size, args.per_device_train_batch_size)
     stats_shape = (len(minibatch_orders), args.num_mini_batches, len(micro_starts))
-    stats = {key: torch.zeros(stats_shape, device=device) for key in STATS}
+    critic = "values" in batch  # only "gae" has a value model
+    keys = ["responses", "query_responses", "advantages", "logprobs", "ref_logprobs", "padding_mask",
+            *(["returns", "values", "padding_mask_p1"] if critic else [])]
+    stats = {key: torch.zeros(stats_shape, device=device) for key in STATS if critic or not key.startswith("vf_")}
     for ppo_epoch_idx, b_inds in enumerate(minibatch_orders):
         for minibatch_idx, mini_batch_start in enumerate(range(0, args.local_batch_size, args.local_mini_batch_size)):
             mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + args.local_mini_batch_size]
             for gradient_accumulation_idx, micro_batch_start in enumerate(micro_starts):
                 micro_batch_end = micro_batch_start + args.per_device_train_batch_size
                 micro_batch_inds = mini_batch_inds[micro_batch_start:micro_batch_end]
-                mb_advantage = batch["advantages"][micro_batch_inds]
-                mb_responses = responses[micro_batch_inds]
-                mb_query_responses = query_responses[micro_batch_inds]
-                mb_logprobs = batch["logprobs"][micro_batch_inds]
-                mb_return = batch["returns"][micro_batch_inds]
-                mb_values = batch["values"][micro_batch_inds]
-                mb_padding_mask = batch["padding_mask"][micro_batch_inds]
-                mb_padding_mask_p1 = batch["padding_mask_p1"][micro_batch_inds]
+                mb = {key: batch[key][micro_batch_inds] for key in keys}
+                mb_responses, mb_query_responses = mb["responses"], mb["query_responses"]
 
                 # DDP/FSDP average gradients over ranks once per minibatch, on its last micro-batch
                 last = gradient_accumulation_idx == len(micro_starts) - 1
@@ -389,21 +392,23 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                                                    logits_to_keep=responses.shape[1] + 1)
                     logits = output[:, :-1].float() / (args.temperature + 1e-7)  # (b, T, V)
                     new_logprobs = logprobs_from_logits(logits, gather_index(mb_responses, pad_token_id))
-                    new_logprobs = new_logprobs.masked_fill(mb_padding_mask, INVALID_LOGPROB)
-                    vpred = vpred_temp[:, context_length - 1 : -1].float().masked_fill(mb_padding_mask_p1, 0)
-                    vf_loss, vf_clipfrac = ppo_value_loss(vpred, mb_values, mb_return, mb_padding_mask_p1,
-                                                          args.cliprange_value)
-                    pg_loss, pg_clipfrac, ratio = ppo_policy_loss(new_logprobs, mb_logprobs, mb_advantage,
-                                                                  mb_padding_mask, args.cliprange)
-                    loss = pg_loss + args.vf_coef * vf_loss
+                    new_logprobs = new_logprobs.masked_fill(mb["padding_mask"], INVALID_LOGPROB)
+                    pg_loss, pg_clipfrac, ratio = policy_loss(new_logprobs, mb, args)
+                    loss = pg_loss
+                    if critic:
+                        vpred = vpred_temp[:, context_length - 1 : -1].float().masked_fill(mb["padding_mask_p1"], 0)
+                        vf_loss, vf_clipfrac = ppo_value_loss(vpred, mb["values"], mb["returns"],
+                                                              mb["padding_mask_p1"], args.cliprange_value)
+                        loss = pg_loss + args.vf_coef * vf_loss
                     (loss / len(micro_starts)).backward()
                 with torch.no_grad():
                     cell = (ppo_epoch_idx, minibatch_idx, gradient_accumulation_idx)
-                    stats["approxkl"][cell] = 0.5 * ((new_logprobs - mb_logprobs) ** 2).mean()
+                    stats["approxkl"][cell] = 0.5 * ((new_logprobs - mb["logprobs"]) ** 2).mean()
                     stats["pg_clipfrac"][cell] = pg_clipfrac
                     stats["pg_loss"][cell] = pg_loss
-                    stats["vf_loss"][cell] = vf_loss
-                    stats["vf_clipfrac"][cell] = vf_clipfrac
+                    if critic:
+                        stats["vf_loss"][cell] = vf_loss
+                        stats["vf_clipfrac"][cell] = vf_clipfrac
                     stats["entropy"][cell] = entropy_from_logits(logits).mean()
                     stats["ratio"][cell] = ratio.mean()
             if args.max_grad_norm > 0:  # TRL never clips in PPO; no norm (a host sync) is computed otherwise
@@ -431,7 +436,8 @@ def update_metrics(batch: dict[str, torch.Tensor], stats: dict[str, torch.Tensor
     for key, name in (("policy/approxkl_avg", "approxkl"), ("policy/clipfrac_avg", "pg_clipfrac"),
                       ("loss/policy_avg", "pg_loss"), ("loss/value_avg", "vf_loss"),
                       ("val/clipfrac_avg", "vf_clipfrac"), ("policy/entropy_avg", "entropy"), ("val/ratio", "ratio")):
-        metrics[key] = gather(stats[name]).mean().item()
+        if name in stats:  # no value statistics without a value model
+            metrics[key] = gather(stats[name]).mean().item()
     metrics["val/ratio_var"] = gather(stats["ratio"]).var().item()
     metrics["val/num_eos_tokens"] = (batch["responses"] == eos_token_id).sum().item()
     return metrics

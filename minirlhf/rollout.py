@@ -5,6 +5,7 @@ texts), and the near-greedy completions a run logs as it trains: the no-grad pha
 """
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,17 +44,19 @@ def sample_responses(policy: CausalLM, queries: torch.Tensor, args, pad_token_id
 
 
 @torch.no_grad()
-def score_responses(ref_policy: CausalLM, value_model: RewardModel, reward_model: RewardModel, queries: torch.Tensor,
+def score_responses(ref_policy: CausalLM, value_model: RewardModel | None, reward_model: RewardModel | None,
+                    queries: torch.Tensor,
                     query_responses: torch.Tensor, logprobs: torch.Tensor, args, pad_token_id: int,
                     stop_token_id: int | None, precision: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Reference logprobs, values and scores of sampled responses, in chunks of local_rollout_forward_batch_size
     (TRL's `PPOTrainer.train`, the no-grad loop after generation). Returns the rollouts, raw: logprobs and values
     are still garbage after each response's end and scores carry no EOS penalty yet; every tensor is (B, T) but
-    sequence_lengths and raw_scores (B,)."""
+    sequence_lengths and raw_scores (B,). Without a value model there are no raw_values; without a reward model the
+    raw_scores are 0 (reward functions add theirs)."""
     context_length = queries.shape[1]
     device = queries.device
-    out = {key: [] for key in ("raw_ref_logprobs", "postprocessed_responses", "sequence_lengths", "raw_values",
-                               "raw_scores")}
+    out = {key: [] for key in ("raw_ref_logprobs", "postprocessed_responses", "sequence_lengths",
+                               *(["raw_values"] if value_model is not None else []), "raw_scores")}
     for i in range(0, len(queries), args.local_rollout_forward_batch_size):
         query = queries[i : i + args.local_rollout_forward_batch_size]
         query_response = query_responses[i : i + args.local_rollout_forward_batch_size]
@@ -75,15 +78,47 @@ def score_responses(ref_policy: CausalLM, value_model: RewardModel, reward_model
         postprocessed_query_response = torch.cat((query, postprocessed_response), 1)
         sequence_length = first_true_indices(postprocessed_response == pad_token_id) - 1  # L: last real token
         with autocast(device, precision):
-            full_value, _, _ = get_reward(value_model, query_response, pad_token_id, context_length)
-            _, score, _ = get_reward(reward_model, postprocessed_query_response, pad_token_id, context_length)
+            if value_model is not None:
+                full_value, _, _ = get_reward(value_model, query_response, pad_token_id, context_length)
+                out["raw_values"].append(full_value[:, context_length - 1 : -1].squeeze(-1).float())  # V before each
+            score = torch.zeros(len(query), device=device)
+            if reward_model is not None:
+                _, score, _ = get_reward(reward_model, postprocessed_query_response, pad_token_id, context_length)
         out["postprocessed_responses"].append(postprocessed_response)
         out["sequence_lengths"].append(sequence_length)
-        out["raw_values"].append(full_value[:, context_length - 1 : -1].squeeze(-1).float())  # V before each token
         out["raw_scores"].append(score.float())
     return {"query_responses": query_responses, "responses": query_responses[:, context_length:],
             "raw_logprobs": logprobs,
             **{key: torch.cat(chunks) for key, chunks in out.items()}}
+
+
+def weighted_sum(scores: dict[str, list[float]], weights: dict[str, float], device) -> torch.Tensor:
+    """(B,) sum over the reward functions named in `weights` of weight * score (TRL GRPO's reward_weights)."""
+    return sum(weight * torch.tensor(scores[name], device=device) for name, weight in weights.items())
+
+
+class Stopwatch:
+    """Seconds spent in each phase of an update, logged as time/<phase>, and sampled tokens per second."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+        self.last = self.now()
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels run asynchronously: wait for the phase to finish
+        return time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = self.now()
+        self.seconds[phase], self.last = now - self.last, now
+
+    def metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """time/<phase>, and time/tokens_per_second: response tokens up to each stop (this rank) per second of the
+        whole update."""
+        tokens = (~batch["padding_mask"]).sum().item()
+        return {**{f"time/{k}": v for k, v in self.seconds.items()},
+                "time/tokens_per_second": tokens / sum(self.seconds.values())}
 
 
 def text_scores(funcs: dict[str, Callable], tokenizer: Tokenizer, queries: torch.Tensor,
@@ -97,12 +132,13 @@ def text_scores(funcs: dict[str, Callable], tokenizer: Tokenizer, queries: torch
 
 
 @torch.no_grad()
-def sample_completions(policy: CausalLM, reward_model: RewardModel, tokenizer: Tokenizer, eval_dataset: list[dict],
-                       args, stop_token_id: int | None, precision: torch.dtype | None,
-                       metric_funcs: dict[str, Callable], num_batches: int | None = None) -> list[dict]:
+def sample_completions(policy: CausalLM, reward_model: RewardModel | None, tokenizer: Tokenizer,
+                       eval_dataset: list[dict], args, stop_token_id: int | None, precision: torch.dtype | None,
+                       metric_funcs: dict[str, Callable], reward_weights: dict[str, float] | None = None,
+                       num_batches: int | None = None) -> list[dict]:
     """TRL's generate_completions: near-greedy responses (temperature 0.01) to the first `num_batches` full eval
-    batches (all if None), truncated at the stop token and scored by the reward model without the EOS penalty, and
-    by each metric function."""
+    batches (all if None), truncated at the stop token and scored as in training without the EOS penalty (reward
+    model, plus the weighted functions of `reward_weights`), and by each function of `metric_funcs`."""
     device = next(policy.parameters()).device
     generator = torch.Generator(device).manual_seed(args.seed)  # own stream: the training RNG is left as it was
     batch_size, pad_token_id = args.per_device_eval_batch_size, tokenizer.pad_token_id
@@ -117,12 +153,16 @@ def sample_completions(policy: CausalLM, reward_model: RewardModel, tokenizer: T
             postprocessed_response = out.query_responses[:, context_length:]
             if stop_token_id is not None:
                 postprocessed_response = truncate_response(stop_token_id, pad_token_id, postprocessed_response)
-            with autocast(device, precision):
-                _, score, _ = get_reward(reward_model, torch.cat((query, postprocessed_response), 1), pad_token_id,
-                                         context_length)
+            score = torch.zeros(len(query), device=device)
+            if reward_model is not None:
+                with autocast(device, precision):
+                    _, score, _ = get_reward(reward_model, torch.cat((query, postprocessed_response), 1),
+                                             pad_token_id, context_length)
             queries = tokenizer.batch_decode(query.tolist(), skip_special_tokens=True)
             responses = tokenizer.batch_decode(postprocessed_response.tolist())  # special tokens kept, as TRL
             extra = text_scores(metric_funcs, tokenizer, query, postprocessed_response)
+            if reward_weights:
+                score = score + weighted_sum(extra, reward_weights, device)
             rows += [{"query": q, "response": r, "score": s, **{name: v[i] for name, v in extra.items()}}
                      for i, (q, r, s) in enumerate(zip(queries, responses, score.float().tolist(), strict=True))]
     return rows
