@@ -6,8 +6,8 @@ with it. One rank's rollouts; with k = num_generations samples per prompt, rows 
 - "rloo": TRL 1.12's RLOOTrainer (trl/trainer/rloo_trainer.py; Ahmadian et al. 2024): the score minus kl_coef times
   the summed KL is each sequence's reward, minus the mean of its k - 1 siblings'; clipped loss on sequence ratios.
 - "grpo": TRL 1.12's GRPOTrainer (trl/trainer/grpo_trainer.py; Shao et al. 2024) with its defaults (scale_rewards
-  "group", loss_type "dapo"): (score - group mean) / (group std + 1e-4) on every token; the KL to the reference
-  (k3, weight kl_coef = TRL's beta) is added to the per-token loss, not to the reward.
+  "group", loss_type "dapo", use_bias_correction_kl): (score - group mean) / (group std + 1e-4) on every token;
+  the KL to the reference (k3 times the ratio, weight kl_coef = TRL's beta) is in the per-token loss, not the reward.
 - "reinforce_pp": REINFORCE++ (Hu 2025, arXiv 2501.03262; OpenRLHF): per-token KL rewards with the score on the last
   token, discounted returns, normalised over this rank's whole batch (not per prompt); per-token clipped loss.
 
@@ -99,7 +99,8 @@ def policy_loss(new_logprobs: torch.Tensor, mb: dict[str, torch.Tensor],
     pg_loss, pg_clipfrac, ratio = ppo_policy_loss(new_logprobs, mb["logprobs"], mb["advantages"],
                                                   mb["padding_mask"], args.cliprange)
     if args.advantage_estimator == "grpo" and args.kl_coef != 0:
-        # TRL: per_token_loss + beta * per_token_kl, k3 of the current policy against the reference
-        kl = kl_penalty(new_logprobs, mb["ref_logprobs"], "k3")
+        # TRL: per_token_loss + beta * per_token_kl, k3 of the current policy against the reference, times the ratio
+        # (its default use_bias_correction_kl: the tokens were sampled from the old policy, not the current one)
+        kl = kl_penalty(new_logprobs, mb["ref_logprobs"], "k3") * ratio
         pg_loss = pg_loss + args.kl_coef * masked_mean(kl, ~mb["padding_mask"])
     return pg_loss, pg_clipfrac, ratio
