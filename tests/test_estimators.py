@@ -11,6 +11,7 @@ against plain re-statements of their papers' formulas; reward functions and the 
 - Bad values of the new keys: one line, exit 2.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,42 @@ def test_bad_values_are_one_line_errors(tmp_path, flags, message):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def run_toy(tmp_path: Path, name: str, *flags: str) -> tuple[Path, list[dict]]:
+    """One short in-process run on the toy prompts from the task's randomly initialised model; its metrics."""
+    out = tmp_path / name
+    ppo.main(["--sft_model_path", "configs/toytask/model", "--dataset_name", "configs/toytask/prompts",
+              "--output_dir", str(out), "--per_device_train_batch_size", "8", "--num_mini_batches", "2",
+              "--num_ppo_epochs", "1", "--response_length", "4", "--stop_token", "eos", "--num_sample_generations", "0",
+              "--save_strategy", "no", "--gradient_checkpointing", "false", "--learning_rate", "1e-3", *flags])
+    return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reward_functions_add_to_the_reward_model(tmp_path, monkeypatch):
+    """The first update samples before any training, so with the same seed it sees the same rollouts: adding the
+    gold score with weight 2 raises objective/scores by exactly twice the gold score's mean."""
+    monkeypatch.chdir(ROOT)
+    common = ["--reward_model_path", "configs/toytask/model", "--total_episodes", "8"]
+    _, (alone,) = run_toy(tmp_path, "rm", *common, "--metric_funcs", "minirlhf.toytask:gold_score")
+    _, (both,) = run_toy(tmp_path, "both", *common, "--reward_funcs", "minirlhf.toytask:gold_score",
+                         "--reward_weights", "2")
+    assert both["objective/gold_score"] == alone["objective/gold_score"] > 0
+    assert both["objective/scores"] == pytest.approx(alone["objective/scores"] + 2 * alone["objective/gold_score"],
+                                                     abs=1e-5)
+    assert {"time/generation", "time/scoring", "time/update", "time/tokens_per_second"} <= set(both)
+    assert both["time/tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_reward_functions_alone(tmp_path, monkeypatch, capsys, estimator):
+    """No reward model: the gold score is the reward. GAE's value model starts from the policy; a critic-free
+    estimator builds and saves none, and logs no value statistics."""
+    monkeypatch.chdir(ROOT)
+    out, metrics = run_toy(tmp_path, estimator, "--reward_model_path", "none", "--reward_funcs",
+                           "minirlhf.toytask:gold_score", "--advantage_estimator", estimator, "--num_generations", "4",
+                           "--total_episodes", "16")
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["epoch"] == 16 / (4 * 1000)
+    assert all(m["objective/scores"] == pytest.approx(m["objective/gold_score"], abs=1e-6) for m in metrics)
+    assert (out / "value_model").exists() == ("loss/value_avg" in metrics[0]) == (estimator == "gae")
+    assert ("value model from configs/toytask/model" in capsys.readouterr().out) == (estimator == "gae")
