@@ -11,9 +11,10 @@ PPOConfig keeps TRL's names and defaults. TRL keys left out, accepted only at TR
 `dataset_num_proc` (prompts are tokenized in the main process), `push_to_hub`, the PEFT adapter names
 `model_adapter_name` / `ref_adapter_name`, and `ds3_gather_for_generation` (DeepSpeed ZeRO-3 only).
 
-Outputs in `output_dir`: the policy (Hugging Face causal-LM layout, with the tokenizer), the value model in
-`value_model/` (sequence-classification layout), `checkpoint-<update>/` folders, `metrics.jsonl` (TRL's keys, one line
-per update), `completions.jsonl` (sample completions on the eval prompts) and `config.toml`.
+Outputs in `output_dir`: the policy (Hugging Face causal-LM layout, with the tokenizer), the value model ("gae"
+only) in `value_model/` (sequence-classification layout), `checkpoint-<update>/` folders, `metrics.jsonl` (TRL's
+keys, one line per update), `completions.jsonl` (sample completions on the eval prompts) and `config.toml`.
+Critic-free estimators, reward functions: minirlhf/advantages.py and the README.
 
 Departures from TRL, each marked at its line: one optimizer step per minibatch whatever the gradient accumulation
 (TRL's accelerate cadence differs when GA > 1, see `ppo_update`); gradient checkpointing, bf16/fp16 autocast and
@@ -39,24 +40,24 @@ from torch import nn
 
 from minirlhf.advantages import ESTIMATORS, compute_advantages, policy_loss
 from minirlhf.checkpoint import save_checkpoint
-from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, gather, keep_records_up_to, print0
+from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, gather, keep_records_up_to
 from minirlhf.config import TrainingConfig, config_to_toml, exit_on_bad_input, import_function, require
-from minirlhf.data import load_rows, prepare_prompt_dataset, prompt_batches
-from minirlhf.hf import load_pretrained
+from minirlhf.data import prompt_batches
 from minirlhf.losses import INVALID_LOGPROB, entropy_from_logits, logprobs_from_logits, ppo_value_loss
-from minirlhf.model import CausalLM, PolicyAndValue, RewardModel, disable_dropout, gather_index, model_inputs
+from minirlhf.model import PolicyAndValue, gather_index, model_inputs
 from minirlhf.optim import set_lr, steps_from
 from minirlhf.parallel import gradient_sync
+from minirlhf.rlsetup import load
 from minirlhf.rollout import (
     Stopwatch,
     log_completions,
+    reward_model_scores,
     sample_completions,
     sample_responses,
     score_responses,
     text_scores,
     weighted_sum,
 )
-from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import prepare, save_final, scheduled_lr, start
 
 
@@ -215,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     run = start(PPOConfig, argv)
     args, device, rank = run.args, run.dist.device, run.dist.rank
     with exit_on_bad_input():
-        tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model = load(args, run)
+        tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model, reward_tokenizer, \
+            conversations = load(args, run)
+    scoring = dict(reward_tokenizer=reward_tokenizer, conversations=conversations)  # how texts are scored
     pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     stop_token_id = eos_token_id if args.stop_token == "eos" else args.stop_token_id
     metric_funcs = {spec.rpartition(":")[2]: import_function(spec, "metric_funcs") for spec in args.metric_funcs or []}
@@ -249,10 +252,15 @@ def main(argv: list[str] | None = None) -> None:
         query_responses, logprobs = sample_responses(policy, queries, args, pad_token_id, stop_token_id,
                                                      run.precision)
         clock.lap("generation")
-        rollouts = score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs, args,
-                                   pad_token_id, stop_token_id, run.precision)
+        rollouts = score_responses(ref_policy, value_model, reward_model if reward_tokenizer is None else None,
+                                   queries, query_responses, logprobs, args, pad_token_id, stop_token_id, run.precision)
+        if reward_tokenizer is not None:  # the reward model reads the texts, rendered again for its tokenizer
+            rollouts["raw_scores"] = reward_model_scores(reward_model, reward_tokenizer, tokenizer, queries,
+                                                         rollouts["postprocessed_responses"], conversations,
+                                                         run.precision)
         # the texts' scores: reward functions enter the score with their weights, metric functions are only logged
-        extra = text_scores({**metric_funcs, **reward_funcs}, tokenizer, queries, rollouts["postprocessed_responses"])
+        extra = text_scores({**metric_funcs, **reward_funcs}, tokenizer, queries, rollouts["postprocessed_responses"],
+                            conversations)
         if reward_funcs:
             rollouts["raw_scores"] = rollouts["raw_scores"] + weighted_sum(extra, reward_weights, device)
         clock.lap("scoring")
@@ -274,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         # rank 0 samples alone; sharded models need every rank, which then all compute the same completions
         if (run.dist.is_main or args.fsdp) and eval_dataset and (update - 1) % args.sample_generations_freq == 0:
             rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id,
-                                      run.precision, {**metric_funcs, **reward_funcs}, reward_weights, num_batches=1)
+                                      run.precision, {**metric_funcs, **reward_funcs}, reward_weights, num_batches=1,
+                                      **scoring)
             if run.dist.is_main:
                 log_completions(rows, update, args.output_dir)
 
@@ -283,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     save_final(run, saved, tokenizer)
     if (run.dist.is_main or args.fsdp) and eval_dataset:
         rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id, run.precision,
-                                  {**metric_funcs, **reward_funcs}, reward_weights)
+                                  {**metric_funcs, **reward_funcs}, reward_weights, **scoring)
         if run.dist.is_main:
             log_completions(rows, args.num_total_batches, args.output_dir)
     cleanup_distributed()
@@ -291,53 +300,6 @@ def main(argv: list[str] | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The steps of one update, in the order they run
-
-
-def load(args: PPOConfig, run) -> tuple:
-    """Tokenizer, prompts and the four models, as TRL's examples/scripts/ppo/ppo.py builds them."""
-    require(args.dataset_name is not None, "dataset_name", "is required (a prompt file or folder, or a Hub id)")
-    tokenizer = Tokenizer.from_pretrained(args.model_name_or_path or args.sft_model_path, revision=args.model_revision)
-    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        # TRL's example always adds "[PAD]" without resizing the embeddings (pads read id 0 in every forward);
-        # we add it only when needed: a pad equal to EOS would mask every EOS out of the losses.
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    tokenizer.padding_side = "left"
-    require(args.stop_token != "eos" or tokenizer.eos_token is not None, "stop_token", "the tokenizer has no EOS")
-
-    def prompts(split: str) -> list[dict]:
-        return prepare_prompt_dataset(load_rows(args.dataset_name, split), tokenizer, f"{args.dataset_name} [{split}]")
-
-    train_dataset = prompts(args.dataset_train_split)
-    # eval prompts only feed the sample completions; a data file has one split, so its rows serve both
-    eval_dataset = prompts(args.dataset_test_split) if args.num_sample_generations > 0 else []
-    args.set_runtime_sizes(run.dist.world_size, len(train_dataset), run.dist.rank)
-    if len(train_dataset) < args.batch_size:
-        raise ValueError(f"{args.dataset_name}: {len(train_dataset)} prompts, fewer than one batch of "
-                         f"{args.batch_size} (per_device_train_batch_size * gradient_accumulation_steps * ranks)")
-
-    # value and reward model from the reward model, policy and reference from the SFT model; critic-free
-    # estimators build no value model, reward functions alone no reward model
-    load_kwargs = dict(dtype=args.dtype, device=run.dist.device)
-    value_model, reward_model = None, None
-    if args.advantage_estimator == "gae":
-        value_path = args.value_model_path or args.reward_model_path or args.sft_model_path
-        print0(f"[minirlhf] value model from {value_path}")
-        value_model = load_pretrained(RewardModel, value_path, **load_kwargs)
-    if args.reward_model_path is not None:
-        reward_model = load_pretrained(RewardModel, args.reward_model_path, **load_kwargs).eval().requires_grad_(False)
-    policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs)
-    ref_policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs).eval().requires_grad_(False)
-    for key, m in (("reward_model_path", reward_model), ("value_model_path", value_model)):
-        if m is not None and m.cfg.vocab_size != policy.cfg.vocab_size:  # policy ids go in (huggingface/trl#1674)
-            raise ValueError(f"{key}: vocabulary of {m.cfg.vocab_size} tokens, but sft_model_path has "
-                             f"{policy.cfg.vocab_size}; PPO needs one tokenizer for all models")
-    for m in (policy, ref_policy, value_model, reward_model):
-        if m is not None:
-            disable_dropout(m)
-    for m in (policy, value_model):
-        if m is not None:
-            m.transformer.gradient_checkpointing = args.gradient_checkpointing  # TRL never applies it
-    return tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model
 
 
 def minibatch_orders(args: PPOConfig, update: int) -> list[torch.Tensor]:

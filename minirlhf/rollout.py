@@ -121,24 +121,63 @@ class Stopwatch:
                 "time/tokens_per_second": tokens / sum(self.seconds.values())}
 
 
-def text_scores(funcs: dict[str, Callable], tokenizer: Tokenizer, queries: torch.Tensor,
-                responses: torch.Tensor) -> dict[str, list[float]]:
-    """Each function's scores of (B, ctx) query and (B, T) response ids, decoded without special tokens (as TRL)."""
+def texts(tokenizer: Tokenizer, queries: torch.Tensor, responses: torch.Tensor,
+          conversations: dict[tuple, list] | None = None) -> tuple[list, list]:
+    """(prompts, completions) of (B, ctx) left-padded query and (B, T) response ids as TRL's reward functions take
+    them: texts decoded without special tokens; for conversational prompts (`conversations`: prompt ids -> messages)
+    the prompt's messages and [{"role": "assistant", "content": completion text}]."""
+    completions = tokenizer.batch_decode(responses.tolist(), skip_special_tokens=True)
+    if not conversations:
+        return tokenizer.batch_decode(queries.tolist(), skip_special_tokens=True), completions
+    pad = tokenizer.pad_token_id
+    prompts = [conversations[tuple(t for t in query if t != pad)] for query in queries.tolist()]
+    return prompts, [[{"role": "assistant", "content": c}] for c in completions]
+
+
+def text_scores(funcs: dict[str, Callable], tokenizer: Tokenizer, queries: torch.Tensor, responses: torch.Tensor,
+                conversations: dict[tuple, list] | None = None) -> dict[str, list[float]]:
+    """Each function's scores of (B, ctx) query and (B, T) response ids, as `texts` gives them (TRL's arguments)."""
     if not funcs:
         return {}  # no decoding every update for nothing
-    prompts = tokenizer.batch_decode(queries.tolist(), skip_special_tokens=True)
-    completions = tokenizer.batch_decode(responses.tolist(), skip_special_tokens=True)
+    prompts, completions = texts(tokenizer, queries, responses, conversations)
     return {name: [float(x) for x in func(prompts=prompts, completions=completions)] for name, func in funcs.items()}
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model: RewardModel, reward_tokenizer: Tokenizer, tokenizer: Tokenizer,
+                        queries: torch.Tensor, responses: torch.Tensor, conversations: dict[tuple, list],
+                        precision: torch.dtype | None) -> torch.Tensor:
+    """(B,) scores of the reward model on the texts rendered again with its own tokenizer: a conversation with the
+    response as the assistant turn (its chat template), or the decoded prompt + response and the reward tokenizer's
+    EOS if the response stopped, as TRL's RewardTrainer saw its training pairs. Scored at the last token."""
+    prompts, completions = texts(tokenizer, queries, responses, conversations)
+    if conversations:
+        pairs = zip(prompts, completions, strict=True)
+        rows = [reward_tokenizer.apply_chat_template(prompt + answer, tokenize=True) for prompt, answer in pairs]
+    else:
+        stopped = (responses == tokenizer.eos_token_id).any(1).tolist()
+        full = tokenizer.batch_decode(torch.cat((queries, responses), 1).tolist(), skip_special_tokens=True)
+        eos = reward_tokenizer.eos_token or ""
+        rows = [reward_tokenizer.encode(text + eos * stop) for text, stop in zip(full, stopped, strict=True)]
+    device = queries.device
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    input_ids = torch.tensor([r + [0] * (max(lengths) - len(r)) for r in rows], device=device)  # right-padded
+    attention_mask = torch.arange(input_ids.shape[1], device=device) < lengths[:, None]  # (B, T)
+    with autocast(device, precision):
+        scores = reward_model.token_scores(input_ids, attention_mask, attention_mask.cumsum(1) - 1)  # (B, T, 1)
+    return scores[torch.arange(len(rows), device=device), lengths - 1, 0].float()
 
 
 @torch.no_grad()
 def sample_completions(policy: CausalLM, reward_model: RewardModel | None, tokenizer: Tokenizer,
                        eval_dataset: list[dict], args, stop_token_id: int | None, precision: torch.dtype | None,
                        metric_funcs: dict[str, Callable], reward_weights: dict[str, float] | None = None,
-                       num_batches: int | None = None) -> list[dict]:
+                       num_batches: int | None = None, reward_tokenizer: Tokenizer | None = None,
+                       conversations: dict[tuple, list] | None = None) -> list[dict]:
     """TRL's generate_completions: near-greedy responses (temperature 0.01) to the first `num_batches` full eval
     batches (all if None), truncated at the stop token and scored as in training without the EOS penalty (reward
-    model, plus the weighted functions of `reward_weights`), and by each function of `metric_funcs`."""
+    model, plus the weighted functions of `reward_weights`), and by each function of `metric_funcs`. With a
+    `reward_tokenizer` the reward model reads the texts (reward_model_scores)."""
     device = next(policy.parameters()).device
     generator = torch.Generator(device).manual_seed(args.seed)  # own stream: the training RNG is left as it was
     batch_size, pad_token_id = args.per_device_eval_batch_size, tokenizer.pad_token_id
@@ -154,13 +193,16 @@ def sample_completions(policy: CausalLM, reward_model: RewardModel | None, token
             if stop_token_id is not None:
                 postprocessed_response = truncate_response(stop_token_id, pad_token_id, postprocessed_response)
             score = torch.zeros(len(query), device=device)
-            if reward_model is not None:
+            if reward_tokenizer is not None:
+                score = reward_model_scores(reward_model, reward_tokenizer, tokenizer, query, postprocessed_response,
+                                            conversations, precision)
+            elif reward_model is not None:
                 with autocast(device, precision):
                     _, score, _ = get_reward(reward_model, torch.cat((query, postprocessed_response), 1),
                                              pad_token_id, context_length)
             queries = tokenizer.batch_decode(query.tolist(), skip_special_tokens=True)
             responses = tokenizer.batch_decode(postprocessed_response.tolist())  # special tokens kept, as TRL
-            extra = text_scores(metric_funcs, tokenizer, query, postprocessed_response)
+            extra = text_scores(metric_funcs, tokenizer, query, postprocessed_response, conversations)
             if reward_weights:
                 score = score + weighted_sum(extra, reward_weights, device)
             rows += [{"query": q, "response": r, "score": s, **{name: v[i] for name, v in extra.items()}}

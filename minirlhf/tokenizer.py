@@ -160,6 +160,10 @@ class Tokenizer:
     def __len__(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def get_vocab(self) -> dict[str, int]:
+        """token -> id, added tokens included (transformers' get_vocab)."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
     def convert_tokens_to_ids(self, tokens: str | list[str] | None) -> int | list[int] | None:
         """Unknown tokens map to unk_token_id (None when there is no unk token), as in transformers."""
         if tokens is None:

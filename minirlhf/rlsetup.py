@@ -1,0 +1,94 @@
+"""What minirlhf.ppo loads before its loop, as TRL's examples/scripts/ppo/ppo.py builds it: the policy tokenizer, the
+prompts, the policy and its frozen reference, the value model (estimator "gae" only) and the reward model (unless
+reward functions alone score), and whether the reward model reads the policy's token ids or the texts.
+
+The reward model reads the policy's ids as they are (TRL's PPO) unless its own tokenizer differs from the policy's
+(vocabulary or special tokens; huggingface/trl#1674, #1979, #3595) or the prompts are conversations: then each
+rollout is decoded and rendered again for it (minirlhf.rollout.reward_model_scores). The value model reads policy ids,
+so it must share the policy's vocabulary: by default it starts from the reward model, or from the policy when there
+is no reward model or the tokenizers differ.
+"""
+
+from minirlhf.common import print0
+from minirlhf.config import require
+from minirlhf.data import is_conversational, load_rows, prepare_prompt_dataset
+from minirlhf.hf import load_pretrained
+from minirlhf.model import CausalLM, RewardModel, disable_dropout
+from minirlhf.tokenizer import Tokenizer
+
+
+def load(args, run) -> tuple:
+    """(tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model or None, reward_model or None,
+    reward_tokenizer: None where the reward model reads policy ids, conversations: prompt ids -> messages)."""
+    require(args.dataset_name is not None, "dataset_name", "is required (a prompt file or folder, or a Hub id)")
+    tokenizer = Tokenizer.from_pretrained(args.model_name_or_path or args.sft_model_path, revision=args.model_revision)
+    reward_tokenizer = reward_tokenizer_if_different(args, tokenizer)  # before the policy's [PAD] is added
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        # TRL's example always adds "[PAD]" without resizing the embeddings (pads read id 0 in every forward);
+        # we add it only when needed: a pad equal to EOS would mask every EOS out of the losses.
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    tokenizer.padding_side = "left"
+    require(args.stop_token != "eos" or tokenizer.eos_token is not None, "stop_token", "the tokenizer has no EOS")
+
+    conversations = {}  # a conversational prompt's ids -> its messages, for reward functions and the reward model
+
+    def prompts(split: str) -> list[dict]:
+        rows = load_rows(args.dataset_name, split)
+        dataset = prepare_prompt_dataset(rows, tokenizer, f"{args.dataset_name} [{split}]")
+        if rows and is_conversational(rows[0]):
+            conversations.update({tuple(ex["input_ids"]): row["prompt"] for ex, row in zip(dataset, rows, strict=True)})
+        return dataset
+
+    train_dataset = prompts(args.dataset_train_split)
+    # eval prompts only feed the sample completions; a data file has one split, so its rows serve both
+    eval_dataset = prompts(args.dataset_test_split) if args.num_sample_generations > 0 else []
+    args.set_runtime_sizes(run.dist.world_size, len(train_dataset), run.dist.rank)
+    if len(train_dataset) < args.batch_size // args.num_generations:
+        raise ValueError(f"{args.dataset_name}: {len(train_dataset)} prompts, fewer than one batch of "
+                         f"{args.batch_size // args.num_generations} (per_device_train_batch_size * "
+                         "gradient_accumulation_steps * ranks / num_generations)")
+    if args.reward_model_path is not None and (conversations or reward_tokenizer is not None):
+        reward_tokenizer = reward_tokenizer or tokenizer
+        print0("[minirlhf] the reward model reads the decoded texts, rendered again with its tokenizer")
+        require(not conversations or reward_tokenizer.chat_template is not None, "reward_model_path",
+                "the prompts are conversations, but the reward model's tokenizer has no chat template")
+
+    # value and reward model from the reward model, policy and reference from the SFT model; critic-free
+    # estimators build no value model, reward functions alone no reward model
+    load_kwargs = dict(dtype=args.dtype, device=run.dist.device)
+    value_model, reward_model = None, None
+    if args.advantage_estimator == "gae":
+        same_ids = reward_tokenizer is None or reward_tokenizer is tokenizer
+        value_path = args.value_model_path or (args.reward_model_path if same_ids else None) or args.sft_model_path
+        print0(f"[minirlhf] value model from {value_path}")
+        value_model = load_pretrained(RewardModel, value_path, **load_kwargs)
+    if args.reward_model_path is not None:
+        reward_model = load_pretrained(RewardModel, args.reward_model_path, **load_kwargs).eval().requires_grad_(False)
+    policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs)
+    ref_policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs).eval().requires_grad_(False)
+    checks = [("value_model_path", value_model)] + [("reward_model_path", reward_model)] * (reward_tokenizer is None)
+    for key, m in checks:
+        if m is not None and m.cfg.vocab_size != policy.cfg.vocab_size:  # policy ids go in (huggingface/trl#1674)
+            raise ValueError(f"{key}: vocabulary of {m.cfg.vocab_size} tokens, but sft_model_path has "
+                             f"{policy.cfg.vocab_size}; it reads the policy's token ids, so it needs its vocabulary")
+    for m in (policy, ref_policy, value_model, reward_model):
+        if m is not None:
+            disable_dropout(m)
+    for m in (policy, value_model):
+        if m is not None:
+            m.transformer.gradient_checkpointing = args.gradient_checkpointing  # TRL never applies it
+    return (tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model, reward_tokenizer,
+            conversations)
+
+
+def reward_tokenizer_if_different(args, tokenizer: Tokenizer) -> Tokenizer | None:
+    """The reward model's own tokenizer where it has one that differs from the policy's in its vocabulary or its
+    special tokens; None otherwise (it then reads the policy's ids)."""
+    if args.reward_model_path is None:
+        return None
+    try:
+        theirs = Tokenizer.from_pretrained(args.reward_model_path)
+    except ValueError:  # no tokenizer.json beside the reward model: it was trained on the policy's
+        return None
+    same = theirs.get_vocab() == tokenizer.get_vocab() and theirs.special_tokens == tokenizer.special_tokens
+    return None if same else theirs
