@@ -17,6 +17,8 @@ and response as strings, and TRL appends the EOS text itself):
   equal word counts
 - `sft/train.jsonl`, `sft/test.jsonl`: {"prompt", "completion"}, each word on topic with probability SFT_ON_TOPIC
 - `prompts/train.jsonl`, `prompts/test.jsonl`: {"prompt"}, for PPO rollouts
+- `prompts_chat/train.jsonl`, `prompts_chat/test.jsonl`: {"prompt": [{"role": "user", "content"}]}, the same
+  kind of prompts as conversations, rendered with the tokenizer's chat template (CHAT_TEMPLATE)
 - `model/`: a tiny Llama config.json and a word-level tokenizer, no weights (minirlhf initialises them randomly)
 
 Measured with transformers' LlamaForSequenceClassification from `model/` (random init, AdamW lr 1e-3, batch 32,
@@ -47,7 +49,7 @@ MIN_WORDS, MAX_WORDS = 3, 8
 SFT_ON_TOPIC = 0.3  # mediocre on purpose, so that PPO can lift the gold score from about here towards 1
 # One folder per dataset, with split-named files, so that `dataset_name = "configs/toytask/sft"` finds both splits.
 SIZES = {"preference/train": 2000, "preference/test": 200, "sft/train": 2000, "sft/test": 200, "prompts/train": 1000,
-         "prompts/test": 200}
+         "prompts/test": 200, "prompts_chat/train": 1000, "prompts_chat/test": 200}
 MODEL = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
@@ -66,10 +68,14 @@ def gold(prompt: str, response: str) -> float:
     return sum(w in CATEGORIES[named[0]] for w in words) / len(words) if words else 0.0
 
 
-def gold_score(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+def gold_score(prompts: list, completions: list, **kwargs) -> list[float]:
     """`gold` of each row, as a text function with TRL's reward-function arguments: PPO logs it as
-    objective/gold_score with `metric_funcs = ["minirlhf.toytask:gold_score"]`."""
-    return [gold(p, c) for p, c in zip(prompts, completions, strict=True)]
+    objective/gold_score with `metric_funcs = ["minirlhf.toytask:gold_score"]`, or trains on it as one of
+    `reward_funcs`. Conversational rows (message lists) are scored on their last messages' contents."""
+    def text(x) -> str:
+        return x[-1]["content"] if isinstance(x, list) else x
+
+    return [gold(text(p), text(c)) for p, c in zip(prompts, completions, strict=True)]
 
 
 def sample_prompt(rng: random.Random) -> tuple[str, str, str]:
@@ -115,6 +121,18 @@ def prompt_rows(n: int, rng: random.Random) -> list[dict]:
     return [{"prompt": sample_prompt(rng)[0]} for _ in range(n)]
 
 
+def chat_prompt_rows(n: int, rng: random.Random) -> list[dict]:
+    """The prompts as conversations: one user message each."""
+    return [{"prompt": [{"role": "user", "content": sample_prompt(rng)[0]}]} for _ in range(n)]
+
+
+# The toy tokenizer's chat template: each message's content and a space, an assistant turn ends with EOS; the
+# generation prompt adds nothing. A conversation so renders as the plain-text format does, and the SFT policy and
+# reward model trained on plain text read it as they read their own data.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ message['content'] }}{% if message['role'] == 'assistant' %}"
+                 "{{ eos_token }}{% endif %} {% endfor %}")
+
+
 def tokenizer_json() -> dict:
     """A `tokenizers` word-level tokenizer: special tokens are split out first, then words split on whitespace."""
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
@@ -138,7 +156,7 @@ def model_config() -> dict:
 
 def write(folder: Path, seed: int = 0) -> None:
     """Write every file of the task; each file draws from its own random stream, so one size can change alone."""
-    makers = {"preference": preference_rows, "sft": sft_rows, "prompts": prompt_rows}
+    makers = {"preference": preference_rows, "sft": sft_rows, "prompts": prompt_rows, "prompts_chat": chat_prompt_rows}
     (folder / "model").mkdir(parents=True, exist_ok=True)
     for name, make in makers.items():
         for split in ("train", "test"):
@@ -147,7 +165,7 @@ def write(folder: Path, seed: int = 0) -> None:
             (folder / name / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SPECIAL_TOKENS[0],
                         "pad_token": SPECIAL_TOKENS[1], "unk_token": SPECIAL_TOKENS[2], "model_max_length": 128,
-                        "clean_up_tokenization_spaces": False}
+                        "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
     files = {"config.json": model_config(), "tokenizer.json": tokenizer_json(),
              "tokenizer_config.json": tokenizer_config}
     for name, content in files.items():
