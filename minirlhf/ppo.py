@@ -43,6 +43,7 @@ from minirlhf.checkpoint import save_checkpoint
 from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, gather, keep_records_up_to
 from minirlhf.config import TrainingConfig, config_to_toml, exit_on_bad_input, import_function, require
 from minirlhf.data import prompt_batches
+from minirlhf.lora import adapters_disabled, merged, save_adapter
 from minirlhf.losses import INVALID_LOGPROB, entropy_from_logits, logprobs_from_logits, ppo_value_loss
 from minirlhf.model import PolicyAndValue, gather_index, model_inputs
 from minirlhf.optim import set_lr, steps_from
@@ -138,6 +139,17 @@ class PPOConfig(TrainingConfig):
     weighted and added to the reward model's score (or alone, without reward_model_path)"""
     reward_weights: list[float] | None = None
     """one weight per reward function (TRL's name); None: all 1.0"""
+    use_peft: bool = False
+    """TRL ModelConfig: train LoRA adapters on the policy (minirlhf/lora.py); the reference is the policy with its
+    adapters off. Saves the adapter (PEFT layout) and the merged model in merged/; no checkpoints"""
+    lora_r: int = 16
+    """LoRA rank (TRL's default)"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: the update is (lora_alpha / lora_r) B A (TRL's default)"""
+    lora_dropout: float = 0.05
+    """dropout on the adapters' input (TRL's default)"""
+    lora_target_modules: list[str] | None = None
+    """Linear layers to adapt, by name; None: ["q_proj", "v_proj"], PEFT's choice for Llama-like models"""
     metric_funcs: list[str] | None = None
     """minirlhf: "package.module:function" text functions (TRL's reward-function arguments) whose mean score is logged
     as objective/<function>, e.g. ["minirlhf.toytask:gold_score"]; they do not enter the reward"""
@@ -184,6 +196,12 @@ class PPOConfig(TrainingConfig):
                 f"{self.advantage_estimator!r} is not one of {', '.join(ESTIMATORS)}")
         least = 2 if self.advantage_estimator in ("rloo", "grpo") else 1  # a group baseline needs two samples
         require(self.num_generations >= least, "num_generations", f"must be >= {least}, got {self.num_generations}")
+        require(not self.use_peft or self.lora_r >= 1, "lora_r", f"must be >= 1, got {self.lora_r}")
+        require(not self.use_peft or 0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got "
+                f"{self.lora_dropout}")
+        require(not self.use_peft or self.save_strategy == "no", "save_strategy", "use_peft saves no checkpoints "
+                "(the adapter and merged model are saved at the end): set save_strategy = 'no'")
+        require(not self.use_peft or not self.fsdp, "fsdp", "use_peft runs with DDP or one process, not FSDP")
         require(self.value_model_path is None or self.advantage_estimator == "gae", "value_model_path",
                 f"advantage_estimator {self.advantage_estimator!r} has no value model")
         require(self.save_strategy != "epoch", "save_strategy", "PPO saves every save_steps updates ('steps') or 'no'")
@@ -252,8 +270,10 @@ def main(argv: list[str] | None = None) -> None:
         query_responses, logprobs = sample_responses(policy, queries, args, pad_token_id, stop_token_id,
                                                      run.precision)
         clock.lap("generation")
-        rollouts = score_responses(ref_policy, value_model, reward_model if reward_tokenizer is None else None,
-                                   queries, query_responses, logprobs, args, pad_token_id, stop_token_id, run.precision)
+        with adapters_disabled(policy):  # LoRA: the reference is the policy without its adapters (else: no-op)
+            rollouts = score_responses(ref_policy or policy, value_model,
+                                       reward_model if reward_tokenizer is None else None, queries, query_responses,
+                                       logprobs, args, pad_token_id, stop_token_id, run.precision)
         if reward_tokenizer is not None:  # the reward model reads the texts, rendered again for its tokenizer
             rollouts["raw_scores"] = reward_model_scores(reward_model, reward_tokenizer, tokenizer, queries,
                                                          rollouts["postprocessed_responses"], conversations,
@@ -289,7 +309,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # the policy (TRL's save_model), the value model (TRL drops it) and final completions (TRL's ppo.py)
     logger.close()
-    save_final(run, saved, tokenizer)
+    if args.use_peft:  # the adapter in PEFT's layout, the merged policy in merged/ (and the value model)
+        save_final(run, {"merged": merged(policy), **{k: v for k, v in saved.items() if k}}, tokenizer)
+        if run.dist.is_main:
+            save_adapter(policy, args.output_dir, args.lora_r, args.lora_alpha, args.lora_dropout, args.sft_model_path)
+    else:
+        save_final(run, saved, tokenizer)
     if (run.dist.is_main or args.fsdp) and eval_dataset:
         rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id, run.precision,
                                   {**metric_funcs, **reward_funcs}, reward_weights, **scoring)

@@ -13,13 +13,17 @@ from minirlhf.common import print0
 from minirlhf.config import require
 from minirlhf.data import is_conversational, load_rows, prepare_prompt_dataset
 from minirlhf.hf import load_pretrained
+from minirlhf.lora import add_lora
 from minirlhf.model import CausalLM, RewardModel, disable_dropout
 from minirlhf.tokenizer import Tokenizer
 
+LORA_DEFAULT = ["q_proj", "v_proj"]  # PEFT's default targets for Llama-like models
+
 
 def load(args, run) -> tuple:
-    """(tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model or None, reward_model or None,
-    reward_tokenizer: None where the reward model reads policy ids, conversations: prompt ids -> messages)."""
+    """(tokenizer, train_dataset, eval_dataset, policy, ref_policy (None with LoRA), value_model or None,
+    reward_model or None, reward_tokenizer: None where the reward model reads policy ids, conversations: prompt ids
+    -> messages)."""
     require(args.dataset_name is not None, "dataset_name", "is required (a prompt file or folder, or a Hub id)")
     tokenizer = Tokenizer.from_pretrained(args.model_name_or_path or args.sft_model_path, revision=args.model_revision)
     reward_tokenizer = reward_tokenizer_if_different(args, tokenizer)  # before the policy's [PAD] is added
@@ -65,7 +69,11 @@ def load(args, run) -> tuple:
     if args.reward_model_path is not None:
         reward_model = load_pretrained(RewardModel, args.reward_model_path, **load_kwargs).eval().requires_grad_(False)
     policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs)
-    ref_policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs).eval().requires_grad_(False)
+    ref_policy = None  # LoRA: the reference is the policy with its adapters off (huggingface/trl#1444)
+    if args.use_peft:
+        add_lora(policy, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or LORA_DEFAULT)
+    else:
+        ref_policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs).eval().requires_grad_(False)
     checks = [("value_model_path", value_model)] + [("reward_model_path", reward_model)] * (reward_tokenizer is None)
     for key, m in checks:
         if m is not None and m.cfg.vocab_size != policy.cfg.vocab_size:  # policy ids go in (huggingface/trl#1674)

@@ -1,0 +1,111 @@
+"""LoRA, natively: low-rank adapters on chosen Linear layers, switched off to get the base model back, merged, and
+saved in PEFT's layout (adapter_config.json + adapter_model.safetensors) so that `peft.PeftModel.from_pretrained`
+loads them. PPO uses it for the policy (`use_peft`): the reference log-probs come from the same model with its
+adapters disabled, so no reference copy is kept in memory.
+
+References: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (Eq. 3: h = W0 x + (alpha / r) B A x);
+PEFT src/peft/tuners/lora/layer.py (`Linear`: A kaiming-uniform with a = sqrt(5), B zeros, dropout on x) and
+TRL's ModelConfig names (`lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules`).
+"""
+
+import contextlib
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from minirlhf.hf import hf_name
+
+UNFUSED = ("llama", "qwen2", "qwen3", "mistral")  # q/k/v are separate Linears in HF too, so PEFT names match ours
+
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / r) * B(A(dropout(x))), the base frozen; `enabled` False gives base(x) alone."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base, self.scaling, self.enabled = base.requires_grad_(False), alpha / r, True
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init: the adapter starts at 0
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.enabled:
+            return out
+        return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
+
+
+def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str]) -> list[str]:
+    """Wrap every Linear whose own name is in target_modules (e.g. "q_proj", "v_proj"); freeze all else. Returns the
+    wrapped modules' names; a ValueError if none matched or the family fuses q/k/v (GPT-2, GPT-NeoX)."""
+    if model.cfg.model_type not in UNFUSED:
+        raise ValueError(f"use_peft: LoRA supports {', '.join(UNFUSED)}, not {model.cfg.model_type} (fused q/k/v)")
+    model.requires_grad_(False)
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+             and name.rpartition(".")[2] in target_modules and name.startswith("transformer.")]
+    if not names:
+        raise ValueError(f"lora_target_modules: {target_modules} names no Linear layer of the model")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout))
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model inside the block (PEFT's `disable_adapter`); a no-op for a model without adapters."""
+    layers = lora_layers(model).values()
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+@torch.no_grad()
+def merged(model: nn.Module) -> nn.Module:
+    """A copy of the model with each adapter folded into its base weight, W0 + (alpha / r) B A, and plain Linears
+    again (PEFT's merge_and_unload): a model hf.save_pretrained writes in Hugging Face layout."""
+    out = copy.deepcopy(model)
+    for name, layer in lora_layers(out).items():
+        layer.base.weight += layer.delta_weight()
+        parent, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent), child, layer.base)
+    return out
+
+
+def save_adapter(model: nn.Module, folder: str | Path, r: int, alpha: float, dropout: float,
+                 base_model_path: str) -> None:
+    """adapter_config.json and adapter_model.safetensors in PEFT's layout: tensors named
+    base_model.model.<HF module>.lora_A.weight / lora_B.weight."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = lora_layers(model)
+    tensors = {}
+    for name, layer in layers.items():
+        hf_module = hf_name(model.cfg, f"{name}.weight").removesuffix(".weight")
+        for part in ("lora_A", "lora_B"):
+            tensors[f"base_model.model.{hf_module}.{part}.weight"] = getattr(layer, part).weight.detach().contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    targets = sorted({name.rpartition(".")[2] for name in layers})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+              "target_modules": targets, "bias": "none", "base_model_name_or_path": base_model_path,
+              "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

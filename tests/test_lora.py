@@ -1,0 +1,148 @@
+"""minirlhf.lora against peft 0.21 (a test-only dependency) on a tiny random Llama, and LoRA PPO end to end.
+
+- Our adapters, saved in PEFT's layout, load into `peft.PeftModel` on the transformers model, whose logits equal
+  ours (1e-5 fp32); with adapters disabled both equal the base model; our merged model equals the unmerged one
+  and peft's merge_and_unload weights (1e-5).
+- A LoRA PPO run: only adapter (and value) weights train, no reference copy is built, the reference log-probs are
+  the base policy's, and the outputs are an adapter peft loads and a merged model in HF layout.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from minirlhf import ppo
+from minirlhf.hf import load_pretrained, save_pretrained
+from minirlhf.lora import adapters_disabled, add_lora, lora_layers, merged, save_adapter
+from minirlhf.model import CausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    import tiny
+
+    folder = tmp_path_factory.mktemp("lora_base")
+    torch.manual_seed(0)
+    tiny.hf_model("llama").save_pretrained(folder)
+    return folder
+
+
+def test_matches_peft(base, tmp_path):
+    import peft
+    import transformers
+
+    ours = load_pretrained(CausalLM, str(base)).eval()
+    names = add_lora(ours, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    assert len(names) == 6 and all(p.requires_grad == (".lora_" in n) for n, p in ours.named_parameters())
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # a trained adapter: B away from its zero init
+    save_adapter(ours, tmp_path / "adapter", 4, 8, 0.0, str(base))
+
+    theirs = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager"), tmp_path / "adapter")
+    theirs.eval()
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours_logits, theirs_logits = ours(ids), theirs(ids).logits
+        torch.testing.assert_close(ours_logits, theirs_logits, **TOL)
+        base_logits = load_pretrained(CausalLM, str(base))(ids)
+        assert (ours_logits - base_logits).abs().max() > 1e-3  # the adapter matters
+        with adapters_disabled(ours), theirs.disable_adapter():
+            torch.testing.assert_close(ours(ids), base_logits, **TOL)
+            torch.testing.assert_close(theirs(ids).logits, base_logits, **TOL)
+        torch.testing.assert_close(ours(ids), ours_logits, **TOL)  # enabled again after the block
+
+        ours_merged = merged(ours)
+        torch.testing.assert_close(ours_merged(ids), ours_logits, **TOL)
+        save_pretrained(ours_merged, str(tmp_path / "merged"))
+        theirs_merged = theirs.merge_and_unload()
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        for key, value in theirs_merged.state_dict().items():
+            torch.testing.assert_close(reloaded.state_dict()[key], value, **TOL, msg=key)
+
+
+@pytest.mark.parametrize("family, targets, message", [("gpt2", ["q_proj"], "LoRA supports llama"),
+                                                     ("llama", ["c_attn"], "names no Linear layer")])
+def test_refuses_fused_families_and_unknown_targets(tmp_path, family, targets, message):
+    import tiny
+
+    tiny.hf_model(family).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        add_lora(load_pretrained(CausalLM, str(tmp_path)), 4, 8, 0.0, targets)
+
+
+def test_lora_ppo_run(base, tmp_path, monkeypatch):
+    """GRPO with LoRA on the toy task's random model: the reference log-probs equal the base model's, only adapters
+    train, the adapter reloads in peft and the merged model in transformers."""
+    import peft
+    import transformers
+
+    from minirlhf import rollout
+    monkeypatch.chdir(ROOT)
+    calls, enabled = [], []
+    score_responses = rollout.score_responses
+
+    def recording_score_responses(ref_policy, *args, **kwargs):
+        with torch.no_grad():
+            calls.append(ref_policy(torch.tensor([[5, 6, 7]])))  # inside the loop's adapters_disabled block
+            for layer in lora_layers(ref_policy).values():
+                layer.enabled = True
+            enabled.append(ref_policy(torch.tensor([[5, 6, 7]])))  # the policy as it samples
+            for layer in lora_layers(ref_policy).values():
+                layer.enabled = False
+        return score_responses(ref_policy, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "score_responses", recording_score_responses)
+    start = load_pretrained(CausalLM, "configs/toytask/model")  # a seeded random init, saved with its tokenizer
+    save_pretrained(start, str(tmp_path / "sft"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "sft" / name).write_bytes((ROOT / "configs/toytask/model" / name).read_bytes())
+    out = tmp_path / "lora"
+    ppo.main(["--sft_model_path", str(tmp_path / "sft"), "--reward_model_path", "none", "--reward_funcs",
+              "minirlhf.toytask:gold_score", "--dataset_name", "configs/toytask/prompts", "--advantage_estimator",
+              "grpo", "--num_generations", "4", "--use_peft", "true", "--lora_r", "4", "--output_dir", str(out),
+              "--per_device_train_batch_size", "8", "--num_ppo_epochs", "1", "--response_length", "4",
+              "--stop_token", "eos", "--num_sample_generations", "0", "--total_episodes", "16",
+              "--save_strategy", "no", "--gradient_checkpointing", "false", "--learning_rate", "1e-2"])
+    with torch.no_grad():
+        expected = start(torch.tensor([[5, 6, 7]]))
+    assert len(calls) == 2 and all(torch.equal(c, expected) for c in calls)  # both updates: the base model
+    assert (enabled[1] - expected).abs().max() > 1e-4  # while the adapted policy has moved after update 1
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (4, 32, ["q_proj", "v_proj"])
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")  # the merged policy
+    adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sft"), out)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids).logits, hf_base(ids).logits, rtol=1e-4, atol=1e-4)
+        assert (hf_base(ids).logits - start(ids)).abs().max() > 1e-4  # the adapter trained
+    assert not (out / "value_model").exists() and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_r", "0"], "lora_r: must be >= 1, got 0"),
+    (["--lora_dropout", "1"], "lora_dropout: must be in [0, 1), got 1.0"),
+    (["--save_strategy", "steps"], "save_strategy: use_peft saves no checkpoints"),
+    (["--lora_target_modules", "c_attn"], "lora_target_modules: ['c_attn'] names no Linear layer of the model"),
+])
+def test_bad_values_are_one_line_errors(tmp_path, flags, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "minirlhf.ppo", "--sft_model_path", "configs/toytask/model",
+                             "--reward_model_path", "none", "--reward_funcs", "minirlhf.toytask:gold_score",
+                             "--dataset_name", "configs/toytask/prompts", "--use_peft", "true",
+                             "--save_strategy", "no", "--output_dir", str(tmp_path / "out"), *flags],
+                            capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""},
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
