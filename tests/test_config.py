@@ -46,7 +46,12 @@ SCRIPT_FIELDS = {"model_name_or_path", "model_revision", "dtype", "dataset_name"
                  "dataset_test_split"}
 NOT_IN_TRL = {"warmup_ratio": "removed in transformers 5; accepted as the ratio form of warmup_steps",
               "sample_generations_freq": "a PPOTrainer attribute", "local_seed": "a PPOTrainer attribute",
-              "metric_funcs": "minirlhf: text functions logged as objective/<name>"}
+              "metric_funcs": "minirlhf: text functions logged as objective/<name>",
+              "reward_funcs": "GRPO/RLOOTrainer's argument, as import paths", "reward_weights": "GRPO/RLOO's name",
+              "num_generations": "GRPO/RLOO's name; default 1, TRL's PPO", "advantage_estimator": "minirlhf",
+              "value_model_path": "minirlhf: TRL's PPO takes a value model object"}
+# TRL's ModelConfig fields (PPO only): compared with ModelConfig's defaults
+MODEL_FIELDS = {"use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
 
 
 def _theirs_normalised(name, value):
@@ -61,9 +66,9 @@ def test_defaults_match_trl(ours_cls, theirs_cls, tmp_path):
     theirs_script = {**vars(trl.ModelConfig()), **vars(trl.ScriptArguments())}
     theirs_names = {f.name for f in dataclasses.fields(theirs_cls)}
     ours_names = {f.name for f in dataclasses.fields(ours_cls)}
-    assert ours_names - theirs_names == SCRIPT_FIELDS | (set(NOT_IN_TRL) & ours_names)
+    assert ours_names - theirs_names == SCRIPT_FIELDS | ((set(NOT_IN_TRL) | MODEL_FIELDS) & ours_names)
     for name in sorted(ours_names - set(DELIBERATE) - set(NOT_IN_TRL)):
-        theirs_value = theirs_script[name] if name in SCRIPT_FIELDS else getattr(theirs, name)
+        theirs_value = theirs_script[name] if name in SCRIPT_FIELDS | MODEL_FIELDS else getattr(theirs, name)
         assert getattr(ours, name) == _theirs_normalised(name, theirs_value), name
     assert ours.bf16 is None and theirs.bf16 is True
     for name, value in ours_cls.trl_defaults_only.items():  # TRL keys we accept only at TRL's default
