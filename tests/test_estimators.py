@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from minirlhf import advantages as adv
 from minirlhf import ppo, rollout
@@ -257,3 +258,34 @@ def test_reward_functions_alone(tmp_path, monkeypatch, capsys, estimator):
     assert all(m["objective/scores"] == pytest.approx(m["objective/gold_score"], abs=1e-6) for m in metrics)
     assert (out / "value_model").exists() == ("loss/value_avg" in metrics[0]) == (estimator == "gae")
     assert ("value model from configs/toytask/model" in capsys.readouterr().out) == (estimator == "gae")
+
+
+def test_critic_free_run_resumes_bitwise(tmp_path, monkeypatch):
+    """RLOO without a value model: a run interrupted after its checkpoint and resumed ends where the uninterrupted
+    one does (weights bitwise, every deterministic metric)."""
+    monkeypatch.chdir(ROOT)
+    flags = ["--reward_model_path", "none", "--reward_funcs", "minirlhf.toytask:gold_score", "--advantage_estimator",
+             "rloo", "--num_generations", "2", "--total_episodes", "32", "--save_strategy", "steps",
+             "--save_steps", "2"]
+    a, _ = run_toy(tmp_path, "a", *flags)
+    update, calls = ppo.ppo_update, []
+
+    def interrupted_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # update 3, after checkpoint-2
+            raise KeyboardInterrupt
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", interrupted_update)
+    with pytest.raises(KeyboardInterrupt):
+        run_toy(tmp_path, "b", *flags)
+    monkeypatch.setattr(ppo, "ppo_update", update)
+    b, metrics = run_toy(tmp_path, "b", *flags, "--resume_from_checkpoint", "true")
+    assert (b / "checkpoint-2").is_dir() and not (b / "checkpoint-2" / "value_model").exists()
+    ours, theirs = load_file(b / "model.safetensors"), load_file(a / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    uninterrupted = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for ours_m, theirs_m in zip(metrics, uninterrupted, strict=True):
+        assert {k: v for k, v in ours_m.items() if k != "eps" and not k.startswith("time/")} == \
+            {k: v for k, v in theirs_m.items() if k != "eps" and not k.startswith("time/")}
