@@ -118,3 +118,24 @@ def test_autoconfig_loads_the_model_config():
         str(SHIPPED / "model" / "tokenizer.json")).get_vocab_size()
     assert (config.eos_token_id, config.pad_token_id, config.num_hidden_layers) == (0, 1, 2)
     assert config.rope_parameters["rope_theta"] == 10000.0
+
+
+def test_chat_format_renders_as_the_plain_format():
+    """The toy chat template (toytask.CHAT_TEMPLATE) renders a conversation as the plain-text format: SFT rows as
+    conversations give the same ids and completion mask, and chat prompts the same queries; transformers' template
+    rendering agrees."""
+    from minirlhf.data import prepare_prompt_dataset, prepare_sft_dataset
+    from minirlhf.tokenizer import Tokenizer as OurTokenizer
+
+    ours = OurTokenizer.from_pretrained(SHIPPED / "model")
+    theirs = transformers.AutoTokenizer.from_pretrained(SHIPPED / "model")
+    plain = read_rows("sft/test.jsonl")[:20]
+    chat = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "completion": [{"role": "assistant", "content": r["completion"].strip()}]} for r in plain]
+    assert prepare_sft_dataset(chat, ours, None) == prepare_sft_dataset(plain, ours, None)
+    for row in chat:
+        assert ours.apply_chat_template(row["prompt"] + row["completion"], tokenize=True) == \
+            theirs.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
+    chat_prompts = read_rows("prompts_chat/test.jsonl")
+    assert prepare_prompt_dataset(chat_prompts, ours) == prepare_prompt_dataset(
+        [{"prompt": r["prompt"][0]["content"]} for r in chat_prompts], ours)
