@@ -1,7 +1,7 @@
 """LoRA, natively: low-rank adapters on chosen Linear layers, switched off to get the base model back, merged, and
 saved in PEFT's layout (adapter_config.json + adapter_model.safetensors) so that `peft.PeftModel.from_pretrained`
 loads them. PPO uses it for the policy (`use_peft`): the reference log-probs come from the same model with its
-adapters disabled, so no reference copy is kept in memory.
+adapters disabled, so no reference copy is kept in memory; SFT for its model.
 
 References: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (Eq. 3: h = W0 x + (alpha / r) B A x);
 PEFT src/peft/tuners/lora/layer.py (`Linear`: A kaiming-uniform with a = sqrt(5), B zeros, dropout on x) and
@@ -18,9 +18,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from minirlhf.config import require
 from minirlhf.hf import hf_name
 
 UNFUSED = ("llama", "qwen2", "qwen3", "mistral")  # q/k/v are separate Linears in HF too, so PEFT names match ours
+LORA_DEFAULT = ["q_proj", "v_proj"]  # PEFT's default targets for Llama-like models
+
+
+def check_lora(args) -> None:
+    """The LoRA keys of a config (use_peft, lora_r, lora_dropout; TRL ModelConfig's names), as __post_init__ checks."""
+    if not args.use_peft:
+        return
+    require(args.lora_r >= 1, "lora_r", f"must be >= 1, got {args.lora_r}")
+    require(0 <= args.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {args.lora_dropout}")
+    require(args.save_strategy == "no", "save_strategy", "use_peft saves no checkpoints (the adapter and merged "
+            "model are saved at the end): set save_strategy = 'no'")
+    require(not args.fsdp, "fsdp", "use_peft runs with DDP or one process, not FSDP")
 
 
 class LoRALinear(nn.Module):

@@ -43,7 +43,7 @@ from minirlhf.checkpoint import save_checkpoint
 from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, gather, keep_records_up_to
 from minirlhf.config import TrainingConfig, config_to_toml, exit_on_bad_input, import_function, require
 from minirlhf.data import prompt_batches
-from minirlhf.lora import adapters_disabled, merged, save_adapter
+from minirlhf.lora import adapters_disabled, check_lora, merged, save_adapter
 from minirlhf.losses import INVALID_LOGPROB, entropy_from_logits, logprobs_from_logits, ppo_value_loss
 from minirlhf.model import PolicyAndValue, gather_index, model_inputs
 from minirlhf.optim import set_lr, steps_from
@@ -196,12 +196,7 @@ class PPOConfig(TrainingConfig):
                 f"{self.advantage_estimator!r} is not one of {', '.join(ESTIMATORS)}")
         least = 2 if self.advantage_estimator in ("rloo", "grpo") else 1  # a group baseline needs two samples
         require(self.num_generations >= least, "num_generations", f"must be >= {least}, got {self.num_generations}")
-        require(not self.use_peft or self.lora_r >= 1, "lora_r", f"must be >= 1, got {self.lora_r}")
-        require(not self.use_peft or 0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got "
-                f"{self.lora_dropout}")
-        require(not self.use_peft or self.save_strategy == "no", "save_strategy", "use_peft saves no checkpoints "
-                "(the adapter and merged model are saved at the end): set save_strategy = 'no'")
-        require(not self.use_peft or not self.fsdp, "fsdp", "use_peft runs with DDP or one process, not FSDP")
+        check_lora(self)
         require(self.value_model_path is None or self.advantage_estimator == "gae", "value_model_path",
                 f"advantage_estimator {self.advantage_estimator!r} has no value model")
         require(self.save_strategy != "epoch", "save_strategy", "PPO saves every save_steps updates ('steps') or 'no'")

@@ -13,11 +13,9 @@ from minirlhf.common import print0
 from minirlhf.config import require
 from minirlhf.data import is_conversational, load_rows, prepare_prompt_dataset
 from minirlhf.hf import load_pretrained
-from minirlhf.lora import add_lora
+from minirlhf.lora import LORA_DEFAULT, add_lora
 from minirlhf.model import CausalLM, RewardModel, disable_dropout
 from minirlhf.tokenizer import Tokenizer
-
-LORA_DEFAULT = ["q_proj", "v_proj"]  # PEFT's default targets for Llama-like models
 
 
 def load(args, run) -> tuple:

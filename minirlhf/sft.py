@@ -22,6 +22,7 @@ from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distrib
 from minirlhf.config import TrainingConfig, config_to_toml, exit_on_bad_input, require
 from minirlhf.data import collate_sft, load_rows, prepare_sft_dataset, rank_batches
 from minirlhf.hf import load_pretrained
+from minirlhf.lora import LORA_DEFAULT, add_lora, check_lora, merged, save_adapter
 from minirlhf.losses import completion_loss
 from minirlhf.model import CausalLM
 from minirlhf.optim import set_lr, steps_from
@@ -42,10 +43,21 @@ class SFTConfig(TrainingConfig):
     """peak AdamW learning rate (TRL SFTConfig's default)"""
     max_length: int | None = 1024
     """truncate each prompt + completion to this many tokens, keeping the start; None: no limit"""
+    use_peft: bool = False
+    """TRL ModelConfig: train LoRA adapters (minirlhf/lora.py); saves the adapter (PEFT layout) and merged/"""
+    lora_r: int = 16
+    """LoRA rank (TRL's default)"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: the update is (lora_alpha / lora_r) B A (TRL's default)"""
+    lora_dropout: float = 0.05
+    """dropout on the adapters' input (TRL's default)"""
+    lora_target_modules: list[str] | None = None
+    """Linear layers to adapt, by name; None: ["q_proj", "v_proj"], PEFT's choice for Llama-like models"""
 
     def __post_init__(self):
         super().__post_init__()
         require(self.max_length is None or self.max_length >= 1, "max_length", f"must be >= 1, got {self.max_length}")
+        check_lora(self)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,7 +122,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. the final model in Hugging Face layout
     logger.close()
-    save_final(run, {"": model}, tokenizer)
+    if args.use_peft:  # the adapter in PEFT's layout, the merged model in merged/
+        save_final(run, {"merged": merged(model)}, tokenizer)
+        if run.dist.is_main:
+            save_adapter(model, args.output_dir, args.lora_r, args.lora_alpha, args.lora_dropout,
+                         args.model_name_or_path)
+    else:
+        save_final(run, {"": model}, tokenizer)
     cleanup_distributed()
 
 
@@ -128,6 +146,8 @@ def load(args: SFTConfig, device: torch.device):
     model = load_pretrained(CausalLM, args.model_name_or_path, revision=args.model_revision, dtype=args.dtype,
                             device=device)
     model.transformer.gradient_checkpointing = args.gradient_checkpointing
+    if args.use_peft:
+        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or LORA_DEFAULT)
     return model, tokenizer, examples
 
 

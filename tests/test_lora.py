@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from minirlhf import ppo
-from minirlhf.hf import load_pretrained, save_pretrained
+from minirlhf.hf import hf_name, load_pretrained, save_pretrained
 from minirlhf.lora import adapters_disabled, add_lora, lora_layers, merged, save_adapter
 from minirlhf.model import CausalLM
 
@@ -146,3 +146,62 @@ def test_bad_values_are_one_line_errors(tmp_path, flags, message):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_sft_step_gradients_match_peft(base):
+    """One SFT loss and its adapter gradients, ours vs peft's on the same weights and batch (1e-5)."""
+    import peft
+    import transformers
+
+    from minirlhf.losses import completion_loss
+
+    ours = load_pretrained(CausalLM, str(base)).train()
+    add_lora(ours, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    theirs = peft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager"),
+        peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():  # peft's adapters take ours (A random, B made non-zero so both get gradients)
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        for name, layer in lora_layers(ours).items():
+            hf = "base_model.model." + hf_name(ours.cfg, f"{name}.weight").removesuffix(".weight")
+            for part in ("lora_A", "lora_B"):
+                theirs_params[f"{hf}.{part}.default.weight"].copy_(getattr(layer, part).weight)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    labels = ids.masked_fill(torch.arange(9) < 4, -100)  # the first 4 tokens are the prompt
+    ours_loss = completion_loss(ours(ids), labels)
+    theirs_loss = theirs(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(ours_loss, theirs_loss, **TOL)
+    ours_loss.backward()
+    theirs_loss.backward()
+    for name, layer in lora_layers(ours).items():
+        hf = "base_model.model." + hf_name(ours.cfg, f"{name}.weight").removesuffix(".weight")
+        for part in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer, part).weight.grad,
+                                       theirs_params[f"{hf}.{part}.default.weight"].grad, **TOL, msg=f"{hf}.{part}")
+    assert all(p.grad is None for n, p in ours.named_parameters() if ".lora_" not in n)  # the base stays frozen
+
+
+def test_sft_with_lora_saves_an_adapter_peft_loads(tmp_path, monkeypatch):
+    import peft
+    import transformers
+
+    from minirlhf import sft
+    monkeypatch.chdir(ROOT)
+    start = load_pretrained(CausalLM, "configs/toytask/model")
+    save_pretrained(start, str(tmp_path / "base"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "base" / name).write_bytes((ROOT / "configs/toytask/model" / name).read_bytes())
+    out = tmp_path / "sft"
+    sft.main(["--model_name_or_path", str(tmp_path / "base"), "--dataset_name", "configs/toytask/sft",
+              "--output_dir", str(out), "--use_peft", "true", "--lora_r", "4", "--max_steps", "3",
+              "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--save_strategy", "no",
+              "--gradient_checkpointing", "false"])
+    adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), out)
+    merged_model = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids).logits, merged_model(ids).logits, rtol=1e-4, atol=1e-4)
+        assert (merged_model(ids).logits - start(ids)).abs().max() > 1e-4  # the adapter trained
