@@ -1,7 +1,7 @@
 """LoRA, natively: low-rank adapters on chosen Linear layers, switched off to get the base model back, merged, and
 saved in PEFT's layout (adapter_config.json + adapter_model.safetensors) so that `peft.PeftModel.from_pretrained`
 loads them. PPO uses it for the policy (`use_peft`): the reference log-probs come from the same model with its
-adapters disabled, so no reference copy is kept in memory; SFT for its model.
+adapters disabled, so no reference copy is kept in memory; SFT and reward modelling for their model.
 
 References: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (Eq. 3: h = W0 x + (alpha / r) B A x);
 PEFT src/peft/tuners/lora/layer.py (`Linear`: A kaiming-uniform with a = sqrt(5), B zeros, dropout on x) and
@@ -20,6 +20,7 @@ from torch import nn
 
 from minirlhf.config import require
 from minirlhf.hf import hf_name
+from minirlhf.model import RewardModel
 
 UNFUSED = ("llama", "qwen2", "qwen3", "mistral")  # q/k/v are separate Linears in HF too, so PEFT names match ours
 LORA_DEFAULT = ["q_proj", "v_proj"]  # PEFT's default targets for Llama-like models
@@ -107,7 +108,7 @@ def merged(model: nn.Module) -> nn.Module:
 def save_adapter(model: nn.Module, folder: str | Path, r: int, alpha: float, dropout: float,
                  base_model_path: str) -> None:
     """adapter_config.json and adapter_model.safetensors in PEFT's layout: tensors named
-    base_model.model.<HF module>.lora_A.weight / lora_B.weight."""
+    base_model.model.<HF module>.lora_A.weight / lora_B.weight, and a reward model's whole score head."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layers = lora_layers(model)
@@ -116,9 +117,13 @@ def save_adapter(model: nn.Module, folder: str | Path, r: int, alpha: float, dro
         hf_module = hf_name(model.cfg, f"{name}.weight").removesuffix(".weight")
         for part in ("lora_A", "lora_B"):
             tensors[f"base_model.model.{hf_module}.{part}.weight"] = getattr(layer, part).weight.detach().contiguous()
+    seq_cls = isinstance(model, RewardModel)  # its score head trains in full: PEFT's modules_to_save
+    if seq_cls:
+        tensors["base_model.model.score.weight"] = model.score.weight.detach().contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     targets = sorted({name.rpartition(".")[2] for name in layers})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-              "target_modules": targets, "bias": "none", "base_model_name_or_path": base_model_path,
-              "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None}
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+              "lora_dropout": dropout, "target_modules": targets, "bias": "none",
+              "base_model_name_or_path": base_model_path, "fan_in_fan_out": False, "inference_mode": True,
+              "modules_to_save": ["score"] if seq_cls else None}
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -26,6 +26,7 @@ from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distrib
 from minirlhf.config import TrainingConfig, config_to_toml, exit_on_bad_input, require
 from minirlhf.data import collate_preference, load_rows, prepare_preference_dataset, rank_batches
 from minirlhf.hf import load_pretrained
+from minirlhf.lora import LORA_DEFAULT, add_lora, check_lora, merged, save_adapter
 from minirlhf.losses import reward_loss, reward_metrics
 from minirlhf.model import RewardModel, disable_dropout
 from minirlhf.optim import set_lr, steps_from
@@ -60,9 +61,21 @@ class RewardConfig(TrainingConfig):
     """weight of the mean-zero reward penalty (Eisenstein et al. 2023, Eq. 2; 0.01 recommended); None: off"""
     activation_offloading: bool = False
     """keep activations saved for backward in CPU memory (torch.autograd.graph.save_on_cpu); no effect on CPU"""
+    use_peft: bool = False
+    """TRL ModelConfig: train LoRA adapters and the score head (PEFT's SEQ_CLS modules_to_save); saves the adapter
+    (PEFT layout) and merged/"""
+    lora_r: int = 16
+    """LoRA rank (TRL's default)"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: the update is (lora_alpha / lora_r) B A (TRL's default)"""
+    lora_dropout: float = 0.05
+    """dropout on the adapters' input (TRL's default; disable_dropout turns it off too)"""
+    lora_target_modules: list[str] | None = None
+    """Linear layers to adapt, by name; None: ["q_proj", "v_proj"], PEFT's choice for Llama-like models"""
 
     def __post_init__(self):
         super().__post_init__()
+        check_lora(self)
         for key in ("max_length", "pad_to_multiple_of"):
             value = getattr(self, key)
             require(value is None or value >= 1, key, f"must be >= 1 or none, got {value!r}")
@@ -156,7 +169,13 @@ def main(argv: list[str] | None = None) -> None:
                 **{k: sum(v) / len(v) for k, v in state["window"].items()}, "epoch": epoch_float,
                 "step": state["step"]})
     logger.close()
-    save_final(run, {"": model}, tokenizer)
+    if args.use_peft:  # the adapter (and score head) in PEFT's layout, the merged model in merged/
+        save_final(run, {"merged": merged(model)}, tokenizer)
+        if run.dist.is_main:
+            save_adapter(model, args.output_dir, args.lora_r, args.lora_alpha, args.lora_dropout,
+                         args.model_name_or_path)
+    else:
+        save_final(run, {"": model}, tokenizer)
     cleanup_distributed()
 
 
@@ -175,6 +194,9 @@ def load(args: RewardConfig, device: torch.device):
         tokenizer.eos_token = args.eos_token
     if args.chat_template_path is not None:
         tokenizer.chat_template = Path(args.chat_template_path).read_text()
+    if args.use_peft:  # the new score head trains in full, as PEFT's SEQ_CLS task does (modules_to_save)
+        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or LORA_DEFAULT)
+        model.score.requires_grad_(True)
     if args.disable_dropout:
         disable_dropout(model)
     tokenizer.pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token

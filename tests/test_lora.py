@@ -205,3 +205,37 @@ def test_sft_with_lora_saves_an_adapter_peft_loads(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(adapter(ids).logits, merged_model(ids).logits, rtol=1e-4, atol=1e-4)
         assert (merged_model(ids).logits - start(ids)).abs().max() > 1e-4  # the adapter trained
+
+
+def test_reward_model_with_lora_saves_an_adapter_peft_loads(tmp_path, monkeypatch):
+    """minirlhf.reward with use_peft: adapters and the new score head train (the base stays frozen), and peft
+    loads the adapter (LoRA + modules_to_save score) onto transformers' model equal to our merged model."""
+    import peft
+    import transformers
+
+    from minirlhf import reward
+    monkeypatch.chdir(ROOT)
+    start = load_pretrained(CausalLM, "configs/toytask/model")
+    save_pretrained(start, str(tmp_path / "base"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "base" / name).write_bytes((ROOT / "configs/toytask/model" / name).read_bytes())
+    out = tmp_path / "rm"
+    reward.main(["--model_name_or_path", str(tmp_path / "base"), "--dataset_name", "configs/toytask/preference",
+                 "--output_dir", str(out), "--use_peft", "true", "--lora_r", "4", "--max_steps", "3",
+                 "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--save_strategy", "no",
+                 "--eval_strategy", "no", "--gradient_checkpointing", "false"])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["task_type"], config["modules_to_save"]) == ("SEQ_CLS", ["score"])
+    theirs_base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=1)
+    adapter = peft.PeftModel.from_pretrained(theirs_base, out).eval()
+    merged_model = transformers.AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids).logits, merged_model(ids).logits, rtol=1e-4, atol=1e-4)
+    merged_weights = merged_model.state_dict()
+    adapted = ("q_proj", "v_proj", "score.weight")
+    frozen = {k: v for k, v in merged_weights.items() if not any(a in k for a in adapted)}
+    base_weights = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    assert all(torch.equal(v, base_weights[k]) for k, v in frozen.items())  # everything else is the base's
+    assert not torch.equal(merged_weights["model.layers.0.self_attn.q_proj.weight"],
+                           base_weights["model.layers.0.self_attn.q_proj.weight"])  # the adapter trained
