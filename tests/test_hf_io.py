@@ -160,6 +160,7 @@ def test_missing_paths_and_hub_ids_are_one_line_errors(tmp_path, monkeypatch):
     """A path that does not exist never becomes a Hub request; a Hub id that cannot be fetched offline says so."""
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # relative names resolve here, whatever runs/ the checkout holds
     for name in (str(tmp_path / "missing"), "./runs/sft", "runs/sft/checkpoint-3", "model.safetensors"):
         with pytest.raises(ValueError, match=f"^{re.escape(name)}: no such file or folder$"):
             load_pretrained(CausalLM, name)
