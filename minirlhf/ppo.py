@@ -37,9 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from minirlhf.checkpoint import save_checkpoint
 from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, gather, keep_records_up_to
-from minirlhf.config import TrainingConfig, config_to_toml, exit_on_bad_input, import_function, require
+from minirlhf.config import TrainingConfig, exit_on_bad_input, import_function, require
 from minirlhf.data import load_rows, prepare_prompt_dataset, prompt_batches
 from minirlhf.hf import load_pretrained
 from minirlhf.losses import (
@@ -65,7 +64,7 @@ from minirlhf.optim import set_lr, steps_from
 from minirlhf.parallel import gradient_sync
 from minirlhf.rollout import log_completions, sample_completions, sample_responses, score_responses, text_scores
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import prepare, save_final, scheduled_lr, start
+from minirlhf.training import check_finite, check_positions, prepare, save, save_final, scheduled_lr, start, stop_now
 
 
 @dataclass
@@ -82,6 +81,7 @@ class PPOConfig(TrainingConfig):
         **dict.fromkeys(("eval_strategy", "eval_steps"), "PPO has no evaluation loop; see num_sample_generations"),
         "dataloader_drop_last": "PPO always drops the incomplete last batch of prompts, as TRL",
         "max_steps": "PPO's length is total_episodes (or num_train_epochs)",
+        "on_nonfinite": "PPO checks an update's losses after its optimizer steps, so it can only stop",
     }
 
     # ---- models
@@ -236,9 +236,13 @@ def main(argv: list[str] | None = None) -> None:
         logger.log({"eps": eps, **update_metrics(batch, stats, eos_token_id, extra), "lr": lr, "episode": episode,
                     "epoch": episode / len(train_dataset), "step": update})
         logger.update()
-        if args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches):
-            save_checkpoint(args.output_dir, update, {"": policy, "value_model": value_model}, tokenizer, optimizer,
-                            {"step": update, "episode": episode}, config_to_toml(args), rank, args.save_total_limit)
+        check_finite(run, update, {f"loss/{k}": stats[k].sum().item() for k in ("pg_loss", "vf_loss")})
+        stopping = run.stop.requested(device)  # SIGTERM/SIGINT on any rank: save now and exit
+        if stopping or args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches):
+            save(run, update, {"": policy, "value_model": value_model}, tokenizer, optimizer,
+                 {"step": update, "episode": episode})
+        if stopping:
+            stop_now(run, update, logger)
         # rank 0 samples alone; sharded models need every rank, which then all compute the same completions
         if (run.dist.is_main or args.fsdp) and eval_dataset and (update - 1) % args.sample_generations_freq == 0:
             rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id,
@@ -289,6 +293,7 @@ def load(args: PPOConfig, run) -> tuple:
     reward_model = load_pretrained(RewardModel, args.reward_model_path, **load_kwargs).eval().requires_grad_(False)
     policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs)
     ref_policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs).eval().requires_grad_(False)
+    check_positions(policy, max(len(x["input_ids"]) for x in train_dataset + eval_dataset), args.response_length)
     if reward_model.cfg.vocab_size != policy.cfg.vocab_size:  # policy ids go straight in (huggingface/trl#1674)
         raise ValueError(f"reward_model_path: vocabulary of {reward_model.cfg.vocab_size} tokens, but sft_model_path "
                          f"has {policy.cfg.vocab_size}; PPO needs one tokenizer for all models")

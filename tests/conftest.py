@@ -1,6 +1,7 @@
 """Shared test fixtures: every test starts from the same seed and leaves the default dtype as it found it."""
 
 import os
+import signal
 
 import pytest
 import torch
@@ -20,3 +21,12 @@ def _seed_dtype_threads():
     yield
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """A main() called in-process installs SIGTERM/SIGINT handlers (training.StopSignal); put pytest's back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)

@@ -46,7 +46,9 @@ SCRIPT_FIELDS = {"model_name_or_path", "model_revision", "dtype", "dataset_name"
                  "dataset_test_split"}
 NOT_IN_TRL = {"warmup_ratio": "removed in transformers 5; accepted as the ratio form of warmup_steps",
               "sample_generations_freq": "a PPOTrainer attribute", "local_seed": "a PPOTrainer attribute",
-              "metric_funcs": "minirlhf: text functions logged as objective/<name>"}
+              "metric_funcs": "minirlhf: text functions logged as objective/<name>",
+              "overwrite_output_dir": "transformers 4.x (removed in 5): start afresh over another run",
+              "on_nonfinite": "minirlhf: stop or skip at a nan/inf loss or gradient norm"}
 
 
 def _theirs_normalised(name, value):
