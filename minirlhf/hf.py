@@ -315,6 +315,13 @@ def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=No
     return model
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except Exception as e:  # safetensors reports a failed write (a full disk) as its own error: make it an OSError
+        raise OSError(f"{path}: {e}") from None
+
+
 def save_pretrained(model: CausalLM | RewardModel, save_dir: str, max_shard_size: int = 5 * 1024**3,
                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json and model.safetensors (or shards with an index) as transformers expects them.
@@ -341,12 +348,12 @@ def save_pretrained(model: CausalLM | RewardModel, save_dir: str, max_shard_size
         shards[-1][name] = tensors[name]
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        write_safetensors(shards[0], tmp / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / file, metadata={"format": "pt"})
+            write_safetensors(shard, tmp / file)
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

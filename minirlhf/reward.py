@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     args, device = run.args, run.dist.device
     with exit_on_bad_input():
         model, tokenizer, train_dataset, eval_dataset = load(args, device)
+        n_batches, steps_per_epoch, total_steps = count_steps(args, len(train_dataset), run.dist.world_size)
     train_model, optimizer, state = prepare(run, model, {"": model})
     # Training state: everything a resumed run needs to continue bit for bit (the data order is a function of the
     # epoch, so a position in it is enough); window_*: what the next log averages.
@@ -94,7 +95,6 @@ def main(argv: list[str] | None = None) -> None:
                       "last_logged": 0, "window": {}}
 
     world, per_device, ga = run.dist.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
-    n_batches, steps_per_epoch, total_steps = count_steps(args, len(train_dataset), world)  # batches count pairs
     global_batch = per_device * world
     logging_steps, eval_steps, save_steps = (steps_from(args.logging_steps, total_steps),
                                              steps_from(args.eval_steps or 1, total_steps),

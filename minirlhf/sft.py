@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     per_device, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
     with exit_on_bad_input():
         model, tokenizer, dataset = load(args, device)
-        batches_per_epoch, steps_per_epoch, total_steps = count_steps(args, len(dataset), world)
-        if batches_per_epoch == 0:
-            raise ValueError(f"{args.dataset_name}: {len(dataset)} examples, fewer than one batch of "
-                             f"{per_device * world}")
+        _, steps_per_epoch, total_steps = count_steps(args, len(dataset), world)
     train_model, optimizer, state = prepare(run, model, {"": model})
     state = state or {"step": 0, "window": []}
     logging_steps, save_steps = steps_from(args.logging_steps, total_steps), steps_from(args.save_steps, total_steps)

@@ -11,6 +11,7 @@ never silently mixed with (`check_output_dir`); SIGTERM/SIGINT end the run at a 
 (`optimizer_step`, `check_finite`).
 """
 
+import contextlib
 import math
 import os
 import shutil
@@ -170,9 +171,13 @@ def prepare(run: Run, model: nn.Module, saved: dict[str, nn.Module], sharded: tu
 
 def count_steps(args: TrainingConfig, n_examples: int, world_size: int) -> tuple[int, int, int]:
     """(batches per epoch per rank, optimizer steps per epoch, optimizer steps in the run), as transformers'
-    `Trainer._inner_training_loop` counts them; a short last batch is one unless dataloader_drop_last."""
+    `Trainer._inner_training_loop` counts them; a short last batch is one unless dataloader_drop_last. No batch at all
+    (an empty or all-filtered dataset) is a ValueError: the loop would never reach a step."""
     global_batch = args.per_device_train_batch_size * world_size
     batches = n_examples // global_batch if args.dataloader_drop_last else math.ceil(n_examples / global_batch)
+    if batches == 0:
+        raise ValueError(f"{args.dataset_name}: {n_examples} training examples, fewer than one batch of {global_batch}"
+                         " (per_device_train_batch_size * ranks; rows over max_length are dropped)")
     steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
     return batches, steps_per_epoch, args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * steps_per_epoch)
@@ -233,10 +238,29 @@ def check_positions(model: nn.Module, prompt_length: int, response_length: int) 
 
 
 def save(run: Run, step: int, models: dict[str, nn.Module], tokenizer, optimizer, state: dict) -> None:
-    """checkpoint-<step> of this run (trainer and run id in its trainer_state.json); every rank calls it."""
-    save_checkpoint(run.args.output_dir, step, models, tokenizer, optimizer,
-                    {**state, "trainer": run.trainer, "run_id": run.run_id, "skipped_steps": run.skipped},
-                    config_to_toml(run.args), run.dist.rank, run.args.save_total_limit)
+    """checkpoint-<step> of this run (trainer and run id in its trainer_state.json); every rank calls it. A full disk
+    or another OS error: one line, the temporary folder removed, exit 2; the checkpoints before it are intact."""
+    with exit_on_os_error(f"checkpoint-{step}", Path(run.args.output_dir) / f".tmp-checkpoint-{step}"):
+        save_checkpoint(run.args.output_dir, step, models, tokenizer, optimizer,
+                        {**state, "trainer": run.trainer, "run_id": run.run_id, "skipped_steps": run.skipped},
+                        config_to_toml(run.args), run.dist.rank, run.args.save_total_limit)
+
+
+@contextlib.contextmanager
+def exit_on_os_error(what: str, tmp: Path):
+    """Around a save: an OS error (a full disk, a vanished mount) prints one line and exits 2, after removing the
+    temporary folder `tmp`; what was saved before is intact, the saves being atomic. torch.save reports a failed
+    write as a RuntimeError raised while handling the OSError, so the OSError is looked for in the chain."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(error, OSError):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"error: output_dir: cannot save {what} in {tmp.parent} ({error.strerror or error}); what was saved "
+              "before is intact", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def stop_now(run: Run, step: int, logger) -> None:
@@ -254,7 +278,9 @@ def save_final(run: Run, models: dict[str, nn.Module], tokenizer) -> None:
     weights = {sub: full_model_state(model) for sub, model in models.items()}
     if run.dist.is_main:
         for sub, model in models.items():
-            save_pretrained(model, str(Path(run.args.output_dir) / sub), state_dict=weights[sub])
+            folder = Path(run.args.output_dir) / sub
+            with exit_on_os_error("the final model", folder / ".tmp-save"):
+                save_pretrained(model, str(folder), state_dict=weights[sub])
         tokenizer.save_pretrained(run.args.output_dir)
         also = "".join(f" and {sub}/" for sub in models if sub)
         print0(f"[minirlhf] saved the final model{also} to {run.args.output_dir}")
