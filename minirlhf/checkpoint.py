@@ -50,7 +50,7 @@ def checkpoint_dirs(output_dir: str | Path, run_id: str | None = None) -> list[P
     dirs = [p for p in Path(output_dir).glob("checkpoint-*")
             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()]
     if run_id is not None:
-        dirs = [p for p in dirs if read_state(p).get("run_id") == run_id]
+        dirs = [p for p in dirs if read_state(p).get("run_id", "") == run_id]  # "": saved before run ids
     return sorted(dirs, key=lambda p: int(p.name.split("-")[1]))
 
 

@@ -238,17 +238,18 @@ def main(argv: list[str] | None = None) -> None:
         logger.update()
         check_finite(run, update, {f"loss/{k}": stats[k].sum().item() for k in ("pg_loss", "vf_loss")})
         stopping = run.stop.requested(device)  # SIGTERM/SIGINT on any rank: save now and exit
-        if stopping or args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches):
+        due = args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches)
+        if stopping or due:
             save(run, update, {"": policy, "value_model": value_model}, tokenizer, optimizer,
                  {"step": update, "episode": episode})
-        if stopping:
-            stop_now(run, update, logger)
         # rank 0 samples alone; sharded models need every rank, which then all compute the same completions
         if (run.dist.is_main or args.fsdp) and eval_dataset and (update - 1) % args.sample_generations_freq == 0:
             rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id,
                                       run.precision, metric_funcs, num_batches=1)
             if run.dist.is_main:
                 log_completions(rows, update, args.output_dir)
+        if stopping:  # after this update's completions, which a resumed run does not repeat
+            stop_now(run, update, logger)
 
     # the policy (TRL's save_model), the value model (TRL drops it) and final completions (TRL's ppo.py)
     logger.close()

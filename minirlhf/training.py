@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -96,7 +96,7 @@ class Run:
     resume: Path | None
     trainer: str
     run_id: str
-    stop: StopSignal = field(default_factory=StopSignal)
+    stop: StopSignal
     skipped: int = 0  # updates dropped for a non-finite loss or gradient (on_nonfinite = "skip")
 
 
@@ -110,11 +110,10 @@ def start(config_class: type, argv: list[str] | None) -> Run:
         require(not args.fsdp or torch.distributed.is_initialized(), "fsdp",
                 "needs several processes: launch with torchrun --nproc_per_node=N, or leave fsdp unset")
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir, trainer)
-        run_id = read_state(resume).get("run_id") if resume else None
+        run_id = read_state(resume).get("run_id", "") if resume else uuid.uuid4().hex  # "": saved before run ids
         check_writable(args.output_dir)
     seed_everything(args.seed)  # before loading: a new score head is the first random draw (huggingface/trl#4887)
-    return Run(args, dist, resolve_precision(args.bf16, args.fp16, dist.device), resume, trainer,
-               run_id or uuid.uuid4().hex, stop)
+    return Run(args, dist, resolve_precision(args.bf16, args.fp16, dist.device), resume, trainer, run_id, stop)
 
 
 def check_writable(output_dir: str) -> None:
@@ -131,7 +130,7 @@ def check_output_dir(args: TrainingConfig, run_id: str | None) -> None:
     overwrite_output_dir: a fresh run must neither delete a finished run's work nor mix its checkpoints with its own
     (resume_from_checkpoint = true would then pick the other run's)."""
     output_dir = Path(args.output_dir)
-    others = [p.name for p in checkpoint_dirs(output_dir) if run_id is None or read_state(p).get("run_id") != run_id]
+    others = [p.name for p in checkpoint_dirs(output_dir) if read_state(p).get("run_id", "") != run_id]
     final = [p.name for p in output_dir.glob("model*.safetensors*")] if run_id is None else []
     if (others or final) and not args.overwrite_output_dir:
         found = ", ".join([*others[-2:], *final[:1]])
@@ -161,7 +160,7 @@ def prepare(run: Run, model: nn.Module, saved: dict[str, nn.Module], sharded: tu
     if run.dist.is_main:
         # everything loaded: only now may an overwritten run's checkpoints go (a bad input leaves them be)
         for old in checkpoint_dirs(args.output_dir) if args.overwrite_output_dir else []:
-            if read_state(old).get("run_id") != run.run_id:
+            if read_state(old).get("run_id", "") != run.run_id:
                 shutil.rmtree(old)
                 print0(f"[minirlhf] overwrite_output_dir: deleted {old}")
         save_config(args, Path(args.output_dir) / "config.toml")

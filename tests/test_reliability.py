@@ -92,6 +92,56 @@ def test_signal_saves_a_checkpoint_and_resume_is_bitwise_equal(task, signum):
         assert ours == theirs
 
 
+def sft_and_ppo_flags(tmp_path: Path) -> dict[str, list[str]]:
+    """Flags for an SFT run and a PPO run on the task's model (as the policy and the reward model) and prompts."""
+    rows = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n"
+                                                for r in rows))
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    common = ["--disable_tqdm=true", "--per_device_train_batch_size=4", "--seed=3", "--gradient_checkpointing=false",
+              "--save_strategy=no"]
+    return {"sft": [*common, f"--model_name_or_path={tmp_path / 'model'}", f"--dataset_name={tmp_path / 'sft.jsonl'}",
+                    "--logging_steps=1", "--learning_rate=1e-3", "--max_steps=300"],
+            "ppo": [*common, f"--sft_model_path={tmp_path / 'model'}", f"--reward_model_path={tmp_path / 'model'}",
+                    f"--dataset_name={tmp_path / 'prompts.jsonl'}", "--total_episodes=160", "--response_length=4",
+                    "--num_sample_generations=0", "--num_ppo_epochs=1", "--learning_rate=1e-3"]}
+
+
+@pytest.mark.parametrize("trainer", ["sft", "ppo"])
+def test_signal_and_resume_in_sft_and_ppo(task, trainer):
+    """The same contract in minirlhf.sft and minirlhf.ppo: SIGTERM mid-run, checkpoint, exit 143, and the resumed
+    run ends bit for bit where the uninterrupted one does (PPO: policy and value model)."""
+    from minirlhf import ppo, sft
+
+    tmp_path, _ = task
+    flags = sft_and_ppo_flags(tmp_path)[trainer]
+    proc = start_and_wait_for_step([sys.executable, "-m", f"minirlhf.{trainer}", *flags,
+                                    f"--output_dir={tmp_path / 'run'}"], step=2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in out, err[-2000:]
+    main = {"sft": sft.main, "ppo": ppo.main}[trainer]
+    main([*flags, f"--output_dir={tmp_path / 'run'}", "--resume_from_checkpoint=true"])
+    main([*flags, f"--output_dir={tmp_path / 'full'}"])
+    for sub in ["", "value_model"] if trainer == "ppo" else [""]:
+        assert_same_weights(tmp_path / "run" / sub, tmp_path / "full" / sub)
+    resumed, full = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "full")
+    drop = {"eps", "train_runtime", "train_samples_per_second", "train_steps_per_second"}  # wall-clock rates
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in full]
+
+
+def test_missing_rng_state_is_said(task, capsys):
+    tmp_path, flags = task
+    reward.main([*flags, "--max_steps=4", "--save_steps=2", f"--output_dir={tmp_path / 'run'}"])
+    (tmp_path / "run" / "checkpoint-2" / "rng_state_0.pth").unlink()
+    capsys.readouterr()
+    reward.main([*flags, "--max_steps=4", "--save_steps=2", f"--output_dir={tmp_path / 'run'}",
+                 f"--resume_from_checkpoint={tmp_path / 'run' / 'checkpoint-2'}"])
+    out = capsys.readouterr().out
+    assert "rng_state_0.pth is missing" in out and "resumed from" in out
+
+
 def test_second_signal_exits_at_once_and_keeps_the_last_checkpoint(task):
     """Two SIGTERMs in a row while the run saves every step: exit at once (143), and the newest complete checkpoint
     still loads."""
@@ -122,7 +172,8 @@ def test_torchrun_ranks_agree_on_the_stop_step(task):
     rank1 = [p for p in workers if b"RANK=1" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0")]
     os.kill(rank1[0], signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "stopped by" in out, err[-3000:]
+    assert proc.returncode != 0 and out.count("stopped by") == 1, err[-3000:]
+    assert out.count("has no score head") == 1  # rank 0 says it, not every rank
     (checkpoint,) = checkpoint_dirs(tmp_path / "run")
     assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     check_loads(checkpoint)
