@@ -64,7 +64,17 @@ from minirlhf.optim import set_lr, steps_from
 from minirlhf.parallel import gradient_sync
 from minirlhf.rollout import log_completions, sample_completions, sample_responses, score_responses, text_scores
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import check_finite, check_positions, prepare, save, save_final, scheduled_lr, start, stop_now
+from minirlhf.training import (
+    check_finite,
+    check_positions,
+    prepare,
+    save,
+    save_final,
+    scheduled_lr,
+    start,
+    stop_now,
+    weights_sum,
+)
 
 
 @dataclass
@@ -81,7 +91,7 @@ class PPOConfig(TrainingConfig):
         **dict.fromkeys(("eval_strategy", "eval_steps"), "PPO has no evaluation loop; see num_sample_generations"),
         "dataloader_drop_last": "PPO always drops the incomplete last batch of prompts, as TRL",
         "max_steps": "PPO's length is total_episodes (or num_train_epochs)",
-        "on_nonfinite": "PPO checks an update's losses after its optimizer steps, so it can only stop",
+        "on_nonfinite": "PPO checks an update's losses and weights after its optimizer steps, so it can only stop",
     }
 
     # ---- models
@@ -236,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.log({"eps": eps, **update_metrics(batch, stats, eos_token_id, extra), "lr": lr, "episode": episode,
                     "epoch": episode / len(train_dataset), "step": update})
         logger.update()
-        check_finite(run, update, {f"loss/{k}": stats[k].sum().item() for k in ("pg_loss", "vf_loss")})
+        check_finite(run, update, {**{f"loss/{k}": stats[k].sum().item() for k in ("pg_loss", "vf_loss")},
+                                   "weights": weights_sum(model)})  # nan/inf: stop before saving them
         stopping = run.stop.requested(device)  # SIGTERM/SIGINT on any rank: save now and exit
         due = args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches)
         if stopping or due:

@@ -214,8 +214,9 @@ def check_finite(run: Run, step: int, values: dict[str, float]) -> bool:
         print0(f"[minirlhf] step {step}: {what}; update skipped ({run.skipped} so far)")
         return False
     last = checkpoint_dirs(run.args.output_dir, run.run_id)
-    print0(f"error: step {step}: {what}; stopped without saving (last checkpoint: "
-           f"{last[-1] if last else 'none'}); lower learning_rate, or set on_nonfinite = \"skip\"", file=sys.stderr)
+    skip = "" if "on_nonfinite" in run.args.unused else ', or set on_nonfinite = "skip"'  # PPO cannot skip
+    print0(f"error: step {step}: {what}; stopped without saving (last checkpoint: {last[-1] if last else 'none'}); "
+           f"lower learning_rate{skip}", file=sys.stderr)
     cleanup_distributed()
     raise SystemExit(1)
 
@@ -225,6 +226,12 @@ def due(strategy: str, step: int, every: int, epoch_end: bool) -> bool:
     if strategy == "steps":
         return step % every == 0
     return strategy == "epoch" and epoch_end
+
+
+def weights_sum(model: nn.Module) -> float:
+    """The sum of every weight (this rank's shards under FSDP): nan or inf when any weight is, or has blown up."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return torch.stack([p.detach().float().sum() for p in local]).sum().item()
 
 
 def check_positions(model: nn.Module, prompt_length: int, response_length: int) -> None:

@@ -108,7 +108,7 @@ def sft_and_ppo_flags(tmp_path: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("trainer", ["sft", "ppo"])
-def test_signal_and_resume_in_sft_and_ppo(task, trainer):
+def test_signal_and_resume_in_sft_and_ppo(task, trainer, capsys):
     """The same contract in minirlhf.sft and minirlhf.ppo: SIGTERM mid-run, checkpoint, exit 143, and the resumed
     run ends bit for bit where the uninterrupted one does (PPO: policy and value model)."""
     from minirlhf import ppo, sft
@@ -121,7 +121,9 @@ def test_signal_and_resume_in_sft_and_ppo(task, trainer):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "stopped by SIGTERM" in out, err[-2000:]
     main = {"sft": sft.main, "ppo": ppo.main}[trainer]
+    capsys.readouterr()
     main([*flags, f"--output_dir={tmp_path / 'run'}", "--resume_from_checkpoint=true"])
+    assert "resumed from" in capsys.readouterr().out
     main([*flags, f"--output_dir={tmp_path / 'full'}"])
     for sub in ["", "value_model"] if trainer == "ppo" else [""]:
         assert_same_weights(tmp_path / "run" / sub, tmp_path / "full" / sub)
@@ -129,6 +131,36 @@ def test_signal_and_resume_in_sft_and_ppo(task, trainer):
     drop = {"eps", "train_runtime", "train_samples_per_second", "train_steps_per_second"}  # wall-clock rates
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
         {k: v for k, v in r.items() if k not in drop} for r in full]
+
+
+def test_signal_while_loading_exits_at_once(task):
+    """A signal before the loop (while models and data load): one line, exit 130, no KeyboardInterrupt traceback."""
+    tmp_path, flags = task
+    proc = subprocess.Popen([sys.executable, "-m", "minirlhf.reward", *flags, f"--output_dir={tmp_path / 'run'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    for line in proc.stdout:
+        if "bf16 not set" in line:  # printed by training.start, before anything loads
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "[minirlhf] SIGINT: exiting at once; checkpoints already written are complete"], err[-2000:]
+
+
+def test_ppo_nonfinite_loss_stops(task, capsys):
+    """PPO with a learning rate that blows the weights up to inf: exit 1 at the first update whose losses or
+    weights are nan/inf, before that update's checkpoint."""
+    from minirlhf import ppo
+
+    tmp_path, _ = task
+    flags = sft_and_ppo_flags(tmp_path)["ppo"]
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.main([*flags, "--learning_rate=1e37", "--save_steps=1", f"--output_dir={tmp_path / 'run'}"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and line.startswith("error: step ") and "weights = " in line, line
+    assert "on_nonfinite" not in line  # PPO refuses "skip": not offered
+    bad = int(line.split()[2].rstrip(":"))
+    assert [int(p.name.split("-")[1]) for p in checkpoint_dirs(tmp_path / "run")] == list(range(1, bad))
 
 
 def test_missing_rng_state_is_said(task, capsys):
