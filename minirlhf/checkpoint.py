@@ -136,7 +136,7 @@ def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, s
         for sub, model in models.items():
             save_pretrained(model, str(tmp / sub), state_dict=weights[sub])
         tokenizer.save_pretrained(str(tmp))
-        with open(tmp / "optimizer.pt", "wb") as f:  # a file object: a full disk is an OSError, not a RuntimeError
+        with open(tmp / "optimizer.pt", "wb") as f:  # via a file object a failed write (full disk) shows its OSError
             torch.save(optimizer_state, f)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         (tmp / "config.toml").write_text(config_toml)

@@ -64,17 +64,7 @@ from minirlhf.optim import set_lr, steps_from
 from minirlhf.parallel import gradient_sync
 from minirlhf.rollout import log_completions, sample_completions, sample_responses, score_responses, text_scores
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import (
-    check_finite,
-    check_positions,
-    prepare,
-    save,
-    save_final,
-    scheduled_lr,
-    start,
-    stop_now,
-    weights_sum,
-)
+from minirlhf.training import check_positions, check_update, prepare, save, save_final, scheduled_lr, start, stop_now
 
 
 @dataclass
@@ -246,8 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.log({"eps": eps, **update_metrics(batch, stats, eos_token_id, extra), "lr": lr, "episode": episode,
                     "epoch": episode / len(train_dataset), "step": update})
         logger.update()
-        check_finite(run, update, {**{f"loss/{k}": stats[k].sum().item() for k in ("pg_loss", "vf_loss")},
-                                   "weights": weights_sum(model)})  # nan/inf: stop before saving them
+        check_update(run, update, {f"loss/{k}": stats[k] for k in ("pg_loss", "vf_loss")}, model)  # before saving
         stopping = run.stop.requested(device)  # SIGTERM/SIGINT on any rank: save now and exit
         due = args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches)
         if stopping or due:

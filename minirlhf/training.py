@@ -228,10 +228,12 @@ def due(strategy: str, step: int, every: int, epoch_end: bool) -> bool:
     return strategy == "epoch" and epoch_end
 
 
-def weights_sum(model: nn.Module) -> float:
-    """The sum of every weight (this rank's shards under FSDP): nan or inf when any weight is, or has blown up."""
+def check_update(run: Run, update: int, losses: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """PPO, after an update's optimizer steps: check_finite over its losses and the sum of the weights (this rank's
+    shards under FSDP), nan or inf when any weight is or has blown up, so that neither is saved."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    return torch.stack([p.detach().float().sum() for p in local]).sum().item()
+    weights = torch.stack([p.detach().float().sum() for p in local]).sum().item()
+    check_finite(run, update, {**{k: v.sum().item() for k, v in losses.items()}, "weights": weights})
 
 
 def check_positions(model: nn.Module, prompt_length: int, response_length: int) -> None:
