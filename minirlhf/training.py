@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +61,12 @@ class StopSignal:
     """SIGTERM (pre-emption) or SIGINT (Ctrl-C): the loop finishes its optimizer step, saves a checkpoint and exits
     with 128 + the signal number (143, 130), so that a scheduler or `sft && reward` sees an unfinished run. A second
     signal, or one before the loop has started, exits at once; saves are atomic, so the last good checkpoint stays.
-    Only the main thread may install handlers (an in-process caller on another thread gets none)."""
+    A repeat within a second is the same request: torchrun forwards what it gets (SIGTERM, SIGINT) to its workers,
+    which a scheduler or a terminal signalled directly too; it then waits 30 s before it kills them. Only the main
+    thread may install handlers (an in-process caller on another thread gets none)."""
 
     def __init__(self):
-        self.signum, self.in_loop = None, False
+        self.signum, self.in_loop, self.first = None, False, 0.0
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(signum, self.handle)
@@ -72,11 +75,13 @@ class StopSignal:
 
     def handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if self.signum is not None and time.monotonic() - self.first < 1:
+            return
         if self.signum is not None or not self.in_loop:
             print(f"[minirlhf] {name}: exiting at once; checkpoints already written are complete", file=sys.stderr,
                   flush=True)
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self.first = signum, time.monotonic()
         print0(f"[minirlhf] {name}: finishing this step, then saving a checkpoint (send it again to exit at once)")
 
     def requested(self, device: torch.device) -> bool:

@@ -44,10 +44,10 @@ def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def start_and_wait_for_step(cmd: list[str], step: int = 3) -> subprocess.Popen:
+def start_and_wait_for_step(cmd: list[str], step: int = 3, **popen) -> subprocess.Popen:
     """Start a training process and return once it has logged optimizer step `step` (training is under way); the
     lines read until then are in proc.seen."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT, **popen)
     proc.seen = []
     for line in proc.stdout:
         proc.seen.append(line)
@@ -177,35 +177,60 @@ def test_missing_rng_state_is_said(task, capsys):
     assert "rng_state_0.pth is missing" in out and "resumed from" in out
 
 
+# A slow disk: each checkpoint's model files take 1.5 s to write, so a second signal can land mid-save.
+SLOW_DISK = """import sys, time
+import minirlhf.checkpoint as checkpoint
+from minirlhf import reward
+real = checkpoint.save_pretrained
+checkpoint.save_pretrained = lambda *args, **kwargs: (time.sleep(1.5), real(*args, **kwargs))
+reward.main(sys.argv[1:])
+"""
+
+
 def test_second_signal_exits_at_once_and_keeps_the_last_checkpoint(task):
-    """Two SIGTERMs in a row while the run saves every step: exit at once (143), and the newest complete checkpoint
-    still loads."""
+    """A slow disk and a save every step. SIGTERM, repeated 0.3 s later (as torchrun forwards it: the same request,
+    the run goes on), then again 1.2 s after the first, in the middle of the stop's save: exit at once (143) with one
+    line, no "stopped" line, and the newest complete checkpoint loads (the half-written one is ignored, then cleared
+    by the next save)."""
     tmp_path, flags = task
-    proc = start_and_wait_for_step([sys.executable, "-m", "minirlhf.reward", *flags, "--max_steps=2000",
-                                    "--save_steps=1", "--save_total_limit=2", f"--output_dir={tmp_path / 'run'}"])
+    proc = start_and_wait_for_step([sys.executable, "-c", SLOW_DISK, *flags, "--max_steps=2000", "--save_steps=1",
+                                    "--save_total_limit=2", f"--output_dir={tmp_path / 'run'}"], step=2)
     proc.send_signal(signal.SIGTERM)
     for line in proc.stdout:
-        if "finishing this step" in line:  # the first one is being handled: the step and a save are under way
+        if "finishing this step" in line:  # the step ends, then the stop's save, 1.5 s at least
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)  # as torchrun forwards it: the same request, ignored
+            time.sleep(0.9)
+            assert proc.poll() is None
             proc.send_signal(signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "exiting at once" in err and "Traceback" not in err, err[-2000:]
-    assert "stopped by" not in out
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("[minirlhf] SIGTERM: exiting at once; checkpoints already written are "
+                                            "complete")
+    assert "Traceback" not in err and "stopped by" not in out
+    assert list((tmp_path / "run").glob(".tmp-checkpoint-*"))  # it was cut off mid-save
     newest = resolve_resume(True, str(tmp_path / "run"), "reward")
     check_loads(newest)
 
 
 @pytest.mark.slow
-def test_torchrun_ranks_agree_on_the_stop_step(task):
+@pytest.mark.parametrize("target", ["rank 1", "process group"])
+def test_torchrun_ranks_agree_on_the_stop_step(task, target):
     """SIGTERM to rank 1 only: the all-reduced flag stops both ranks after the same step, and the checkpoint holds
-    both ranks' random state (a rank stopping alone would leave the other hanging in a collective, then time out)."""
+    both ranks' random state (a rank stopping alone would leave the other hanging in a collective, then time out).
+    SIGTERM to the process group (a terminal's Ctrl-C, a scheduler): every worker gets it twice, directly and as
+    torchrun forwards it, and still saves, as for one signal."""
     tmp_path, flags = task
     proc = start_and_wait_for_step([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                     "--nproc_per_node=2", "-m", "minirlhf.reward", *flags, "--max_steps=2000",
-                                    "--save_strategy=no", f"--output_dir={tmp_path / 'run'}"])
+                                    "--save_strategy=no", f"--output_dir={tmp_path / 'run'}"], start_new_session=True)
     workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
     rank1 = [p for p in workers if b"RANK=1" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0")]
-    os.kill(rank1[0], signal.SIGTERM)
+    if target == "rank 1":
+        os.kill(rank1[0], signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and out.count("stopped by") == 1, err[-3000:]
     assert "".join(proc.seen).count("has no score head") == 1  # rank 0 says it, not every rank
