@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
                                        args.center_rewards_coefficient)
                     # A short last group divides by its own size (transformers' current_gradient_accumulation_steps)
                     (loss / len(groups[g])).backward()
-                step_loss += all_reduce(loss.detach() / len(groups[g])).item()
+                micro_loss = all_reduce(loss.detach() / len(groups[g])).item()
+                step_loss += micro_loss
+                state["window_loss"] += micro_loss  # per micro-batch, as transformers sums tr_loss
                 state["num_tokens"] += int(all_reduce(batch["attention_mask"].sum(), "sum").item())
                 for key, value in batch_metrics(rewards_chosen, rewards_rejected).items():
                     state["window"].setdefault(key, []).append(value)
@@ -136,7 +138,6 @@ def main(argv: list[str] | None = None) -> None:
             lr = scheduled_lr(args, state["step"], total_steps)
             set_lr(optimizer, lr)
             grad_norm = optimizer_step(run, model, optimizer, state["step"] + 1, step_loss)  # or stop, or skip
-            state["window_loss"] += step_loss
             state["step"] += 1
             state["epoch"], state["group"] = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
             epoch_float = epoch + min((g + 1) * ga, len(batches)) / len(batches)
