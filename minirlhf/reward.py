@@ -88,11 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_bad_input():
         model, tokenizer, train_dataset, eval_dataset = load(args, device)
         n_batches, steps_per_epoch, total_steps = count_steps(args, len(train_dataset), run.dist.world_size)
-    train_model, optimizer, state = prepare(run, model, {"": model})
     # Training state: everything a resumed run needs to continue bit for bit (the data order is a function of the
     # epoch, so a position in it is enough); window_*: what the next log averages.
-    state = state or {"step": 0, "epoch": 0, "group": 0, "num_tokens": 0, "window_loss": 0.0, "total_loss": 0.0,
-                      "last_logged": 0, "window": {}}
+    train_model, optimizer, state = prepare(run, model, {"": model}, new_state={
+        "step": 0, "epoch": 0, "group": 0, "num_tokens": 0, "window_loss": 0.0, "total_loss": 0.0, "last_logged": 0,
+        "window": {}})
 
     world, per_device, ga = run.dist.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
     global_batch = per_device * world

@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_bad_input():
         model, tokenizer, dataset = load(args, device)
         _, steps_per_epoch, total_steps = count_steps(args, len(dataset), world)
-    train_model, optimizer, state = prepare(run, model, {"": model})
-    state = state or {"step": 0, "window": []}
+    train_model, optimizer, state = prepare(run, model, {"": model}, new_state={"step": 0})
     logging_steps, save_steps = steps_from(args.logging_steps, total_steps), steps_from(args.save_steps, total_steps)
     print0(f"[minirlhf] {len(dataset)} examples, {total_steps} optimizer steps ({steps_per_epoch} per epoch)")
     logger = MetricsLogger(args, run.dist.is_main, total_steps, state["step"])

@@ -144,9 +144,11 @@ def check_output_dir(args: TrainingConfig, run_id: str | None) -> None:
                          "--overwrite_output_dir=true, which deletes its checkpoints")
 
 
-def prepare(run: Run, model: nn.Module, saved: dict[str, nn.Module], sharded: tuple[nn.Module, ...] = ()):
-    """(the module the loop calls, the optimizer over `model`, trainer_state or None on a fresh start). `saved` maps
-    each checkpoint subfolder to its model ("" = the checkpoint itself); `sharded`: the models to shard (FSDP)."""
+def prepare(run: Run, model: nn.Module, saved: dict[str, nn.Module], sharded: tuple[nn.Module, ...] = (),
+            new_state: dict | None = None):
+    """(the module the loop calls, the optimizer over `model`, trainer_state: new_state, or None, on a fresh start).
+    `saved` maps each checkpoint subfolder to its model ("" = the checkpoint itself); `sharded`: the models to shard
+    (FSDP); a resumed trainer_state must have every key of `new_state`."""
     args = run.args
     with exit_on_bad_input():  # after loading, so that a bad model or dataset is reported first
         check_output_dir(args, run.run_id if run.resume else None)
@@ -156,10 +158,13 @@ def prepare(run: Run, model: nn.Module, saved: dict[str, nn.Module], sharded: tu
     train_model = distribute(model, args.fsdp, sharded)
     optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    state = None
+    state = new_state
     if run.resume is not None:
         with exit_on_bad_input():
             state = load_checkpoint(run.resume, optimizer, run.dist.rank)
+            missing = sorted(set(new_state or {}) - set(state))  # e.g. an SFT checkpoint saved before "trainer"
+            require(not missing, "resume_from_checkpoint", f"{run.resume}: trainer_state.json has no {missing}: not "
+                    f"a minirlhf.{run.trainer} checkpoint")
         run.skipped = state.get("skipped_steps", 0)
         print0(f"[minirlhf] resumed from {run.resume} at step {state['step']}")
     if run.dist.is_main:

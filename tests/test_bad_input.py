@@ -350,3 +350,13 @@ def test_help_and_config_name_the_module():
 def test_config_errors_are_config_errors():
     with pytest.raises(ConfigError, match="learning_rate"):
         TrainingConfig(learning_rate=float("nan"))
+
+
+def test_resume_from_another_trainers_checkpoint_saved_before_the_trainer_field(capsys, ws):
+    """Without the trainer's name in trainer_state.json (older checkpoints), the shapes still tell: one line."""
+    checkpoint = next((ws / "sft_run").glob("checkpoint-*"))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["trainer"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    line = fails(capsys, ws, "reward", f"--resume_from_checkpoint={checkpoint}")
+    assert str(checkpoint) in line, line
