@@ -4,9 +4,12 @@
 training state: `optimizer.pt` (AdamW moments), `trainer_state.json` (step, epoch, data position, logging
 accumulators), `rng_state_<rank>.pth` (Python, NumPy, torch and CUDA generators of every rank) and `config.toml`.
 Under FSDP the weights and moments are gathered and saved whole, so the files are the same as without it.
-A checkpoint is written into a temporary folder and renamed into place, so a crash never leaves a half-written
-`checkpoint-<step>` behind; the oldest ones beyond `save_total_limit` are then deleted. This is not the same thing as
-a Hugging Face export (nanochat keeps them apart too): the export is only the model folder.
+A checkpoint is written into a temporary folder, its files fsync'ed, and renamed into place, so a crash (even
+kill -9) never leaves a half-written `checkpoint-<step>` behind; the oldest ones of the same run beyond
+`save_total_limit` are then deleted, renamed away first so that a crash mid-deletion leaves no partial checkpoint
+either. trainer_state.json names the trainer and a run id: resuming takes only a checkpoint of the same kind, and
+save_total_limit counts only this run's checkpoints. This is not the same thing as a Hugging Face export (nanochat
+keeps them apart too): the export is only the model folder.
 """
 
 import json
@@ -42,25 +45,73 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """Completed checkpoints in output_dir, oldest (lowest step) first."""
-    dirs = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+def checkpoint_dirs(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
+    """Completed checkpoints in output_dir (of run `run_id` only, if given), oldest (lowest step) first."""
+    dirs = [p for p in Path(output_dir).glob("checkpoint-*")
+            if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()]
+    if run_id is not None:
+        dirs = [p for p in dirs if read_state(p).get("run_id", "") == run_id]  # "": saved before run ids
     return sorted(dirs, key=lambda p: int(p.name.split("-")[1]))
 
 
-def resolve_resume(resume_from_checkpoint, output_dir: str) -> Path | None:
-    """A path as given, `True` for the newest checkpoint in output_dir, None/False for a fresh start."""
+def read_state(path: Path) -> dict:
+    """trainer_state.json of checkpoint `path`; a one-line ValueError naming the file if it is unreadable."""
+    file = path / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: cannot read trainer state ({e}); resume from another checkpoint") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{file}: not a minirlhf trainer state (no integer 'step'); resume from another checkpoint")
+    return state
+
+
+def resolve_resume(resume_from_checkpoint, output_dir: str, trainer: str) -> Path | None:
+    """A path as given, `True` for the newest checkpoint in output_dir, None/False for a fresh start. The checkpoint
+    must be one that `trainer` ("reward", "sft" or "ppo") wrote."""
     if resume_from_checkpoint in (None, False):
         return None
     if resume_from_checkpoint is True:
         dirs = checkpoint_dirs(output_dir)
         if not dirs:
             raise ValueError(f"resume_from_checkpoint: no checkpoint-<step> folder in {output_dir}")
-        return dirs[-1]
-    path = Path(resume_from_checkpoint)
-    if not (path / "trainer_state.json").exists():
-        raise ValueError(f"resume_from_checkpoint: {path} is not a minirlhf checkpoint (no trainer_state.json)")
+        runs = {read_state(p).get("run_id") for p in dirs}
+        if len(runs) > 1:  # folders written before run ids, or copied in: which run is meant is not ours to guess
+            raise ValueError(f"resume_from_checkpoint: {output_dir} holds checkpoints of {len(runs)} runs; "
+                             "give the checkpoint folder's path")
+        path = dirs[-1]
+    else:
+        path = Path(resume_from_checkpoint)
+        if not (path / "trainer_state.json").exists():
+            raise ValueError(f"resume_from_checkpoint: {path} is not a minirlhf checkpoint (no trainer_state.json)")
+    kind = read_state(path).get("trainer", trainer)  # checkpoints from before the field: trust the user
+    if kind != trainer:
+        raise ValueError(f"resume_from_checkpoint: {path} is a minirlhf.{kind} checkpoint, not a minirlhf.{trainer} "
+                         "one")
     return path
+
+
+def fsync(path: Path) -> None:
+    """Flush a file or folder (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder`, then the folders: a rename into place is only as durable as what it renames."""
+    for path in [*sorted(folder.rglob("*"), reverse=True), folder]:
+        fsync(path)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a checkpoint folder: renamed away first (atomic), so a crash mid-deletion leaves no partial one."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, state: dict, config_toml: str,
@@ -73,7 +124,8 @@ def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, s
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
     distributed = dist.is_initialized()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in [*output_dir.glob(".tmp-checkpoint-*"), *output_dir.glob(".deleting-checkpoint-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # what a crash (kill -9) mid-save or mid-deletion left
         tmp.mkdir(parents=True)
     if distributed:
         dist.barrier()
@@ -84,18 +136,21 @@ def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, s
         for sub, model in models.items():
             save_pretrained(model, str(tmp / sub), state_dict=weights[sub])
         tokenizer.save_pretrained(str(tmp))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        with open(tmp / "optimizer.pt", "wb") as f:  # via a file object a failed write (full disk) shows its OSError
+            torch.save(optimizer_state, f)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         (tmp / "config.toml").write_text(config_toml)
     if distributed:
         dist.barrier()
     if rank == 0:
-        if final.exists():  # re-saving the same step (e.g. the final step) replaces the old copy
-            shutil.rmtree(final)
+        fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a stop signal) replaces the old copy
+            remove_tree(final)
         os.replace(tmp, final)
-        if save_total_limit:
-            for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old)
+        fsync(output_dir)  # the rename itself
+        if save_total_limit:  # only this run's: another run's checkpoints are not ours to delete
+            for old in checkpoint_dirs(output_dir, state.get("run_id"))[:-save_total_limit]:
+                remove_tree(old)
     if distributed:
         dist.barrier()
 
@@ -106,13 +161,28 @@ def load_checkpoint_weights(path: Path, models: dict) -> None:
     for sub, model in models.items():
         param = next(model.parameters())
         trained = load_pretrained(type(model), str(path / sub), dtype=param.dtype, device=param.device)
-        model.load_state_dict(trained.state_dict())
+        try:
+            model.load_state_dict(trained.state_dict())
+        except RuntimeError as e:  # another architecture or size: the first line names the tensor
+            raise ValueError(f"{path / sub}: does not fit this model ({str(e).splitlines()[-1].strip()})") from None
 
 
 def load_checkpoint(path: Path, optimizer, rank: int = 0) -> dict:
-    """Restore the optimizer and this rank's RNG state; return trainer_state (the weights: load_checkpoint_weights)."""
-    load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", weights_only=True))
+    """Restore the optimizer and this rank's RNG state; return trainer_state (the weights: load_checkpoint_weights).
+    A missing or corrupt file is a one-line ValueError naming it."""
+    state = read_state(path)
+    try:
+        load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", weights_only=True))
+    except Exception as e:  # unreadable, truncated, or the moments of other parameters (another model or trainer)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path / 'optimizer.pt'}: cannot restore the optimizer ({reason})") from None
     rng_file = path / f"rng_state_{rank}.pth"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text())
+        try:
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        except Exception as e:
+            raise ValueError(f"{rng_file}: cannot restore the random state ({type(e).__name__})") from None
+    else:  # e.g. resumed on more ranks than saved: the run goes on, but not bit for bit
+        print(f"[minirlhf] rank {rank}: {rng_file} is missing; random state not restored, the run will not repeat "
+              "the original exactly", flush=True)
+    return state

@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def cleanup_distributed() -> None:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def module_name(cls: type) -> str:
+    """"minirlhf.reward" for RewardConfig, also under `python -m` (where Python names the module "__main__")."""
+    spec = getattr(sys.modules[cls.__module__], "__spec__", None)
+    return spec.name if cls.__module__ == "__main__" and spec is not None else cls.__module__
 
 
 def print0(*args, **kwargs) -> None:

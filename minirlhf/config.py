@@ -9,14 +9,10 @@ syntax alone (`learning_rate: 1.0e-5` -> `learning_rate = 1.0e-5`, strings quote
 
 References: transformers 5.23 `TrainingArguments` (training_args.py) with TRL's `_BaseConfig` overrides
 (trl/trainer/base_config.py), TRL's `ModelConfig` (trl/trainer/model_config.py) and `ScriptArguments`
-(trl/scripts/utils.py). bf16 "auto" is resolved by `common.resolve_precision`, not here: it depends on the device.
-A TrainingArguments field that a trainer does not use is listed in its `unused` and refused unless left at its
-default, rather than silently ignored.
+(trl/scripts/utils.py). bf16 "auto" is resolved by `common.resolve_precision` (it depends on the device). A
+TrainingArguments field that a trainer does not use is in its `unused`, refused unless left at its default.
 
-Usage:
-
-    cfg = parse_config_or_exit(RewardConfig, sys.argv[1:])  # python -m minirlhf.reward cfg.toml --learning_rate 1e-5
-    save_config(cfg, Path(cfg.output_dir) / "config.toml")  # parse_config reads it back
+Usage: `cfg = parse_config_or_exit(RewardConfig, sys.argv[1:])`, then `save_config(cfg, path)` (parse_config reads it).
 """
 
 import ast
@@ -26,6 +22,7 @@ import difflib
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -40,6 +37,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
+from minirlhf.common import module_name
 from minirlhf.optim import SCHEDULES, schedule_kwargs
 
 STRATEGIES = ("no", "steps", "epoch")  # transformers also has save_strategy="best" (needs load_best_model_at_end)
@@ -79,9 +77,7 @@ def require(ok: bool, key: str, problem: str) -> None:
 @dataclass
 class TrainingConfig:
     """The TrainingArguments fields a training loop reads, with TRL's defaults, and TRL's model/script arguments.
-
-    Everything else in TrainingArguments (DeepSpeed, hub upload, other optimizers, ...) is not implemented, and so
-    is not a field: those keys are errors rather than silently ignored.
+    The rest of TrainingArguments (DeepSpeed, hub upload, other optimizers, ...) is not a field: those keys are errors.
     """
 
     trl_defaults_only: ClassVar[dict[str, object]] = {}
@@ -162,6 +158,12 @@ class TrainingConfig:
     """hide the progress bar"""
     resume_from_checkpoint: bool | str | None = None
     """a checkpoint-<step> folder to resume from, or true for the newest one in output_dir"""
+    overwrite_output_dir: bool = False
+    """start afresh in an output_dir that holds another run (checkpoints or a final model), deleting its checkpoints
+    once the new run has loaded; false: such an output_dir is an error unless resume_from_checkpoint is set"""
+    on_nonfinite: str = "stop"
+    """a step whose loss or gradient norm is nan/inf: "stop" (exit 1 before saving anything of it; the last checkpoint
+    stays as it was) or "skip" (drop that update and count it as skipped_steps in the log)"""
 
     # ---- reproducibility and precision
     seed: int = 42
@@ -190,9 +192,15 @@ class TrainingConfig:
         self.output_dir = os.path.expanduser(self.output_dir)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)!r}")
+        # Checked before anything is loaded or written (transformers finds a bad rate only at the first step, or never)
+        for key in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm"):
+            value, high = getattr(self, key), 1 if key.startswith("adam_beta") else math.inf
+            require(math.isfinite(value) and 0 <= value < high, key, f"must be finite, >= 0, < {high}; got {value!r}")
+        require(self.max_steps > 0 or (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0),
+                "num_train_epochs", f"must be > 0 (or set max_steps), got {self.num_train_epochs!r}")
         for key, allowed in (("lr_scheduler_type", SCHEDULES), ("dtype", DTYPES), ("report_to", REPORT_TO),
                              ("logging_strategy", STRATEGIES), ("eval_strategy", STRATEGIES),
-                             ("save_strategy", STRATEGIES)):
+                             ("save_strategy", STRATEGIES), ("on_nonfinite", ("stop", "skip"))):
             require(getattr(self, key) in allowed, key, f"{getattr(self, key)!r} is not one of {allowed}")
         try:
             schedule_kwargs(self.lr_scheduler_type, self.lr_scheduler_kwargs)
@@ -331,11 +339,9 @@ def _convert(value, tp, cli: bool):
             continue
         if get_origin(option) is list:  # list[str] or list[float]: a TOML array, or comma-separated on the command line
             items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) and cli else value
-            try:
-                if isinstance(items, list):
+            if isinstance(items, list):
+                with contextlib.suppress(ValueError):  # an item of the wrong type: try the union's next member
                     return [_convert(v, get_args(option)[0], cli) for v in items]
-            except ValueError:
-                pass
             continue
         if isinstance(value, str) and option is not str and (cli or option is dict):
             try:
@@ -385,7 +391,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def config_help(cls: type) -> str:
     """`--help`: every field with its type, default and docstring; runtime fields; TRL keys accepted as no-ops."""
     docs, hints, fields = field_docs(cls), get_type_hints(cls), dataclasses.fields(cls)
-    lines = [f"usage: python -m {cls.__module__} [config.toml] [--key value | --key=value ...]", "",
+    lines = [f"usage: python -m {module_name(cls)} [config.toml] [--key value | --key=value ...]", "",
              f"{cls.__name__}: {cls.__doc__.strip().splitlines()[0]}", "",
              'Keys may be set in the TOML file or as flags (flags win). "none" sets an optional key to None.', ""]
     for f in (f for f in fields if f.init):
@@ -404,7 +410,7 @@ def config_help(cls: type) -> str:
 
 def config_to_toml(cfg) -> str:
     """The resolved config as TOML that parse_config reads back (None as "none"; runtime fields as comments)."""
-    lines = [f'# {type(cfg).__module__}.{type(cfg).__name__} as resolved; "none" stands for None (TOML has no null)']
+    lines = [f'# {module_name(type(cfg))}.{type(cfg).__name__} as resolved; "none" stands for None (TOML has no null)']
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         text = '"none"' if value is None else _toml_value(value)

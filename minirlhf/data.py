@@ -74,7 +74,12 @@ def _read_file(path: Path) -> list[dict]:
         except ImportError as error:
             raise ImportError(f"{path}: reading parquet needs pyarrow: pip install 'minirlhf[parquet]'") from error
         return pyarrow.parquet.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):  # one JSON list of rows; else JSON lines
         numbered = [(f"row {i}", row) for i, row in enumerate(_parse_json(text, path, line_number=1))]
     else:

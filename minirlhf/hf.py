@@ -9,7 +9,9 @@ Saving inverts the same tables, so transformers loads what we write with no miss
 """
 
 import json
+import os
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minirlhf.common import print0
 from minirlhf.hub import local_or_hub
 from minirlhf.model import CausalLM, ModelConfig, RewardModel, init_weights, rope_inv_freq
 
@@ -245,8 +248,13 @@ def parse_dtype(dtype, hf: dict) -> torch.dtype:
     return dtype
 
 
-def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=None):
-    """Build `cls` (CausalLM or RewardModel) from a Hugging Face folder or Hub id; see the module docstring."""
+def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=None, new_model: str | None = None):
+    """Build `cls` (CausalLM or RewardModel) from a Hugging Face folder or Hub id; see the module docstring.
+
+    A folder with a config.json and no weight file at all is initialised randomly only when `new_model` names the
+    key that asked for a new model (the starting model_name_or_path of reward or SFT training, e.g. the toy task's
+    model/); anywhere else (PPO's models, a checkpoint) it is an error: a half-written or wrongly copied folder must
+    not train, or score, as a random model."""
     folder = local_or_hub(name_or_path, ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"], revision)
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder}: no config.json, so this is not a Hugging Face model folder")
@@ -257,8 +265,11 @@ def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=No
     if cls is RewardModel:
         # A trained head fixes num_labels; a causal LM loaded as a reward model gets one output, as TRL forces.
         cfg = replace(cfg, num_labels=tensors["score.weight"].shape[0] if "score.weight" in tensors else 1)
+    if not tensors and new_model is None:
+        raise ValueError(f"{folder}: config.json but no weights (no *.safetensors file); point to a trained model "
+                         "folder (a half-written save? a missing file?)")
     if not tensors:
-        print(f"[minirlhf] {folder} has no weights: initialising {ARCH[cfg.model_type]} randomly")
+        print0(f"[minirlhf] {folder} has no weights: initialising {ARCH[cfg.model_type]} randomly ({new_model})")
         model = cls(cfg)
         init_weights(model, cfg)
         return model.to(device=device, dtype=dtype)
@@ -295,7 +306,7 @@ def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=No
     if new_head:
         # transformers draws a new head as normal_(0, initializer_range) (_init_weights); after the same seed this
         # is the same first draw from the global generator, so TRL's initial head is reproduced bit for bit.
-        print(f"[minirlhf] {folder} has no score head: initialising a new one, N(0, {cfg.initializer_range})")
+        print0(f"[minirlhf] {folder} has no score head: initialising a new one, N(0, {cfg.initializer_range})")
         state["score.weight"] = torch.empty(cfg.num_labels, cfg.hidden_size).normal_(0, cfg.initializer_range).to(
             device=device, dtype=dtype)
     model.load_state_dict(state, assign=True)
@@ -304,24 +315,30 @@ def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=No
     return model
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except Exception as e:  # safetensors reports a failed write (a full disk) as its own error: make it an OSError
+        raise OSError(f"{path}: {e}") from None
+
+
 def save_pretrained(model: CausalLM | RewardModel, save_dir: str, max_shard_size: int = 5 * 1024**3,
                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json and model.safetensors (or shards with an index) as transformers expects them.
-    `state_dict`: the weights to write, if not model.state_dict() (an FSDP model's, gathered whole)."""
+    `state_dict`: the weights to write, if not model.state_dict() (an FSDP model's, gathered whole).
+
+    Atomic for readers: every file is written and fsync'ed in a temporary folder inside save_dir, then renamed into
+    place, weights first and config.json last, so a crash at any moment leaves the previous model or the new one
+    (a config.json always next to complete weights), never a folder whose weights are missing."""
     save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    tmp = save_dir / ".tmp-save"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     cfg = model.cfg
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = to_hf_tensors(cfg, {k: v.detach().cpu() for k, v in state_dict.items()})
     if cfg.model_type == "gpt_neox" and "lm_head.weight" in tensors:
         tensors["embed_out.weight"] = tensors.pop("lm_head.weight")  # the name transformers 5.23 writes
-    (save_dir / "config.json").write_text(json.dumps(config_to_hf(model), indent=2, sort_keys=True) + "\n")
-    if isinstance(model, CausalLM):
-        gen = {k: cfg.hf_config.get(k) for k in ("bos_token_id", "eos_token_id") if cfg.hf_config.get(k) is not None}
-        if cfg.pad_token_id is not None:
-            gen["pad_token_id"] = cfg.pad_token_id
-        (save_dir / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
-
     shards, size = [{}], 0
     for name in sorted(tensors):
         nbytes = tensors[name].numel() * tensors[name].element_size()
@@ -330,16 +347,33 @@ def save_pretrained(model: CausalLM | RewardModel, save_dir: str, max_shard_size
             size = 0
         shards[-1][name] = tensors[name]
         size += nbytes
-    for old in list(save_dir.glob("model*.safetensors")) + list(save_dir.glob("model.safetensors.index.json")):
-        old.unlink()  # a previous save with another sharding would otherwise leave stale files behind
     if len(shards) == 1:
-        save_file(shards[0], save_dir / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, save_dir / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (save_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_safetensors(shards[0], tmp / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(shard, tmp / file)
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if isinstance(model, CausalLM):
+        gen = {k: cfg.hf_config.get(k) for k in ("bos_token_id", "eos_token_id") if cfg.hf_config.get(k) is not None}
+        if cfg.pad_token_id is not None:
+            gen["pad_token_id"] = cfg.pad_token_id
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config_to_hf(model), indent=2, sort_keys=True) + "\n")
+
+    new = sorted(p.name for p in tmp.iterdir())
+    for name in new:
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    # Shards before the index (the index makes them current), config.json last; then stale files of a previous save
+    # with another sharding: the index first (while it exists it names the old shards, which are still whole).
+    for name in sorted(new, key=lambda n: (n == "config.json", n.endswith(".index.json"))):
+        os.replace(tmp / name, save_dir / name)
+    stale = [p for p in save_dir.glob("model*.safetensors*") if p.name not in new]
+    for old in sorted(stale, key=lambda p: not p.name.endswith(".index.json")):
+        old.unlink()
+    tmp.rmdir()

@@ -39,9 +39,8 @@ import torch
 from torch import nn
 
 from minirlhf.advantages import ESTIMATORS, compute_advantages, policy_loss
-from minirlhf.checkpoint import save_checkpoint
 from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, gather, keep_records_up_to
-from minirlhf.config import TrainingConfig, config_to_toml, exit_on_bad_input, import_function, require
+from minirlhf.config import TrainingConfig, exit_on_bad_input, import_function, require
 from minirlhf.data import prompt_batches
 from minirlhf.lora import adapters_disabled, check_lora, merged, save_adapter
 from minirlhf.losses import INVALID_LOGPROB, entropy_from_logits, logprobs_from_logits, ppo_value_loss
@@ -59,7 +58,7 @@ from minirlhf.rollout import (
     text_scores,
     weighted_sum,
 )
-from minirlhf.training import prepare, save_final, scheduled_lr, start
+from minirlhf.training import check_update, prepare, save, save_final, scheduled_lr, start, stop_now
 
 
 @dataclass
@@ -76,6 +75,7 @@ class PPOConfig(TrainingConfig):
         **dict.fromkeys(("eval_strategy", "eval_steps"), "PPO has no evaluation loop; see num_sample_generations"),
         "dataloader_drop_last": "PPO always drops the incomplete last batch of prompts, as TRL",
         "max_steps": "PPO's length is total_episodes (or num_train_epochs)",
+        "on_nonfinite": "PPO checks an update's losses and weights after its optimizer steps, so it can only stop",
     }
 
     # ---- models
@@ -291,9 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         logger.log({"eps": eps, **update_metrics(batch, stats, eos_token_id, extra), **clock.metrics(batch), "lr": lr,
                     "episode": episode, "epoch": episode / (k * len(train_dataset)), "step": update})
         logger.update()
-        if args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches):
-            save_checkpoint(args.output_dir, update, saved, tokenizer, optimizer, {"step": update, "episode": episode},
-                            config_to_toml(args), rank, args.save_total_limit)
+        losses = {f"loss/{k}": stats[k] for k in ("pg_loss", "vf_loss") if k in stats}  # no vf_loss when critic-free
+        check_update(run, update, losses, model)  # before saving: nan/inf losses or weights stop the run
+        stopping = run.stop.requested(device)  # SIGTERM/SIGINT on any rank: save now and exit
+        due = args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches)
+        if stopping or due:
+            save(run, update, saved, tokenizer, optimizer, {"step": update, "episode": episode})
         # rank 0 samples alone; sharded models need every rank, which then all compute the same completions
         if (run.dist.is_main or args.fsdp) and eval_dataset and (update - 1) % args.sample_generations_freq == 0:
             rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id,
@@ -301,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                                       **scoring)
             if run.dist.is_main:
                 log_completions(rows, update, args.output_dir)
+        if stopping:  # after this update's completions, which a resumed run does not repeat
+            stop_now(run, update, logger)
 
     # the policy (TRL's save_model), the value model (TRL drops it) and final completions (TRL's ppo.py)
     logger.close()

@@ -21,9 +21,8 @@ from typing import ClassVar
 
 import torch
 
-from minirlhf.checkpoint import save_checkpoint
 from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, print0
-from minirlhf.config import TrainingConfig, config_to_toml, exit_on_bad_input, require
+from minirlhf.config import TrainingConfig, exit_on_bad_input, require
 from minirlhf.data import collate_preference, load_rows, prepare_preference_dataset, rank_batches
 from minirlhf.hf import load_pretrained
 from minirlhf.lora import LORA_DEFAULT, add_lora, check_lora, merged, save_adapter
@@ -32,7 +31,18 @@ from minirlhf.model import RewardModel, disable_dropout
 from minirlhf.optim import set_lr, steps_from
 from minirlhf.parallel import gradient_sync
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import Run, count_steps, due, optimizer_step, prepare, save_final, scheduled_lr, start
+from minirlhf.training import (
+    Run,
+    count_steps,
+    due,
+    optimizer_step,
+    prepare,
+    save,
+    save_final,
+    scheduled_lr,
+    start,
+    stop_now,
+)
 
 
 @dataclass
@@ -90,14 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     args, device = run.args, run.dist.device
     with exit_on_bad_input():
         model, tokenizer, train_dataset, eval_dataset = load(args, device)
-    train_model, optimizer, state = prepare(run, model, {"": model})
+        n_batches, steps_per_epoch, total_steps = count_steps(args, len(train_dataset), run.dist.world_size)
     # Training state: everything a resumed run needs to continue bit for bit (the data order is a function of the
     # epoch, so a position in it is enough); window_*: what the next log averages.
-    state = state or {"step": 0, "epoch": 0, "group": 0, "num_tokens": 0, "window_loss": 0.0, "total_loss": 0.0,
-                      "last_logged": 0, "window": {}}
+    train_model, optimizer, state = prepare(run, model, {"": model}, new_state={
+        "step": 0, "epoch": 0, "group": 0, "num_tokens": 0, "window_loss": 0.0, "total_loss": 0.0, "last_logged": 0,
+        "window": {}})
 
     world, per_device, ga = run.dist.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
-    n_batches, steps_per_epoch, total_steps = count_steps(args, len(train_dataset), world)  # batches count pairs
     global_batch = per_device * world
     logging_steps, eval_steps, save_steps = (steps_from(args.logging_steps, total_steps),
                                              steps_from(args.eval_steps or 1, total_steps),
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         groups = [batches[i : i + ga] for i in range(0, len(batches), ga)]
         for g in range(state["group"], len(groups)):
             train_model.train()
+            step_loss = 0.0  # over all ranks, as logged
             # 2. forward/backward each micro-batch: chosen and rejected in one concatenated forward
             for i, indices in enumerate(groups[g]):
                 batch = {k: v.to(device) for k, v in collate_preference(
@@ -130,14 +141,16 @@ def main(argv: list[str] | None = None) -> None:
                                        args.center_rewards_coefficient)
                     # A short last group divides by its own size (transformers' current_gradient_accumulation_steps)
                     (loss / len(groups[g])).backward()
-                state["window_loss"] += all_reduce(loss.detach() / len(groups[g])).item()
+                micro_loss = all_reduce(loss.detach() / len(groups[g])).item()
+                step_loss += micro_loss
+                state["window_loss"] += micro_loss  # per micro-batch, as transformers sums tr_loss
                 state["num_tokens"] += int(all_reduce(batch["attention_mask"].sum(), "sum").item())
                 for key, value in batch_metrics(rewards_chosen, rewards_rejected).items():
                     state["window"].setdefault(key, []).append(value)
             # 3. clip (the norm before clipping is logged), then step with the scheduled learning rate
             lr = scheduled_lr(args, state["step"], total_steps)
             set_lr(optimizer, lr)
-            grad_norm = optimizer_step(model, optimizer, args.max_grad_norm)
+            grad_norm = optimizer_step(run, model, optimizer, state["step"] + 1, step_loss)  # or stop, or skip
             state["step"] += 1
             state["epoch"], state["group"] = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
             epoch_float = epoch + min((g + 1) * ga, len(batches)) / len(batches)
@@ -147,17 +160,22 @@ def main(argv: list[str] | None = None) -> None:
             step, done, epoch_end = state["step"], state["step"] >= total_steps, g + 1 == len(groups)
             if due(args.logging_strategy, step, logging_steps, epoch_end) or (args.logging_first_step and step == 1):
                 window = state["window"]
+                skipped = {"skipped_steps": run.skipped} if run.skipped else {}  # on_nonfinite = "skip"
                 logger.log({"loss": state["window_loss"] / (step - state["last_logged"]), "grad_norm": grad_norm,
                             "learning_rate": lr, "num_tokens": state["num_tokens"],
-                            **{k: sum(v) / len(v) for k, v in window.items()}, "epoch": epoch_float, "step": step})
+                            **{k: sum(v) / len(v) for k, v in window.items()}, **skipped, "epoch": epoch_float,
+                            "step": step})
                 state["total_loss"] += state["window_loss"]
                 state["window_loss"], state["last_logged"], state["window"] = 0.0, step, {}
             if due(args.eval_strategy, step, eval_steps, epoch_end) or (args.eval_strategy == "steps" and done):
                 metrics = evaluate(train_model, eval_dataset, args, run, tokenizer.pad_token_id)
                 logger.log({**metrics, "eval_num_tokens": state["num_tokens"], "epoch": epoch_float, "step": step})
-            if due(args.save_strategy, step, save_steps, epoch_end) or (args.save_strategy == "steps" and done):
-                save_checkpoint(args.output_dir, step, {"": model}, tokenizer, optimizer, state, config_to_toml(args),
-                                run.dist.rank, args.save_total_limit)
+            stopping = run.stop.requested(device)  # SIGTERM/SIGINT on any rank: save now and exit
+            if stopping or due(args.save_strategy, step, save_steps, epoch_end) or (
+                    args.save_strategy == "steps" and done):
+                save(run, step, {"": model}, tokenizer, optimizer, state)
+            if stopping:
+                stop_now(run, step, logger)
             if done:
                 break
 
@@ -188,7 +206,7 @@ def load(args: RewardConfig, device: torch.device):
     require(args.model_name_or_path is not None, "model_name_or_path", "is required")
     require(args.dataset_name is not None, "dataset_name", "is required")
     model = load_pretrained(RewardModel, args.model_name_or_path, revision=args.model_revision, dtype=args.dtype,
-                            device=device)
+                            device=device, new_model="model_name_or_path")
     tokenizer = Tokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision)
     if args.eos_token is not None:
         tokenizer.eos_token = args.eos_token

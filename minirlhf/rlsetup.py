@@ -16,6 +16,7 @@ from minirlhf.hf import load_pretrained
 from minirlhf.lora import LORA_DEFAULT, add_lora
 from minirlhf.model import CausalLM, RewardModel, disable_dropout
 from minirlhf.tokenizer import Tokenizer
+from minirlhf.training import check_positions
 
 
 def load(args, run) -> tuple:
@@ -67,12 +68,14 @@ def load(args, run) -> tuple:
     if args.reward_model_path is not None:
         reward_model = load_pretrained(RewardModel, args.reward_model_path, **load_kwargs).eval().requires_grad_(False)
     policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs)
+    check_positions(policy, max(len(x["input_ids"]) for x in train_dataset + eval_dataset), args.response_length)
     ref_policy = None  # LoRA: the reference is the policy with its adapters off (huggingface/trl#1444)
     if args.use_peft:
         add_lora(policy, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or LORA_DEFAULT)
     else:
         ref_policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs).eval().requires_grad_(False)
-    checks = [("value_model_path", value_model)] + [("reward_model_path", reward_model)] * (reward_tokenizer is None)
+    # the reward model first: by default the value model starts from it, so its vocabulary is the cause
+    checks = [("reward_model_path", reward_model)] * (reward_tokenizer is None) + [("value_model_path", value_model)]
     for key, m in checks:
         if m is not None and m.cfg.vocab_size != policy.cfg.vocab_size:  # policy ids go in (huggingface/trl#1674)
             raise ValueError(f"{key}: vocabulary of {m.cfg.vocab_size} tokens, but sft_model_path has "

@@ -17,9 +17,8 @@ from typing import ClassVar
 
 import torch
 
-from minirlhf.checkpoint import save_checkpoint
 from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, print0
-from minirlhf.config import TrainingConfig, config_to_toml, exit_on_bad_input, require
+from minirlhf.config import TrainingConfig, exit_on_bad_input, require
 from minirlhf.data import collate_sft, load_rows, prepare_sft_dataset, rank_batches
 from minirlhf.hf import load_pretrained
 from minirlhf.lora import LORA_DEFAULT, add_lora, check_lora, merged, save_adapter
@@ -28,7 +27,7 @@ from minirlhf.model import CausalLM
 from minirlhf.optim import set_lr, steps_from
 from minirlhf.parallel import gradient_sync
 from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import count_steps, due, optimizer_step, prepare, save_final, scheduled_lr, start
+from minirlhf.training import count_steps, due, optimizer_step, prepare, save, save_final, scheduled_lr, start, stop_now
 
 
 @dataclass
@@ -66,19 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     per_device, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
     with exit_on_bad_input():
         model, tokenizer, dataset = load(args, device)
-        batches_per_epoch, steps_per_epoch, total_steps = count_steps(args, len(dataset), world)
-        if batches_per_epoch == 0:
-            raise ValueError(f"{args.dataset_name}: {len(dataset)} examples, fewer than one batch of "
-                             f"{per_device * world}")
-    train_model, optimizer, state = prepare(run, model, {"": model})
-    state = state or {"step": 0}
+        _, steps_per_epoch, total_steps = count_steps(args, len(dataset), world)
+    train_model, optimizer, state = prepare(run, model, {"": model}, new_state={"step": 0})
     logging_steps, save_steps = steps_from(args.logging_steps, total_steps), steps_from(args.save_steps, total_steps)
     print0(f"[minirlhf] {len(dataset)} examples, {total_steps} optimizer steps ({steps_per_epoch} per epoch)")
     logger = MetricsLogger(args, run.dist.is_main, total_steps, state["step"])
     seed = args.seed if args.data_seed is None else args.data_seed
     model.train()
 
-    step, window = 0, []  # window: the loss of each step since the last log
+    step, window = 0, state.get("window", [])  # window: the loss of each step since the last log (kept on resume)
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
         # 1. this epoch's micro-batches for this rank, in groups of gradient_accumulation_steps
         batches = rank_batches(len(dataset), per_device, seed, epoch, run.dist.rank, world, args.dataloader_drop_last)
@@ -102,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
             # 3. clip, then step with the scheduled learning rate
             lr = scheduled_lr(args, step - 1, total_steps)
             set_lr(optimizer, lr)
-            grad_norm = optimizer_step(model, optimizer, args.max_grad_norm)
-            window.append(all_reduce(torch.tensor(step_loss), "sum").item())
+            step_loss = all_reduce(torch.tensor(step_loss), "sum").item()
+            grad_norm = optimizer_step(run, model, optimizer, step, step_loss)  # or stop, or skip
+            window.append(step_loss)
             logger.update()
 
             # 4. log (and at the last step) and save on the transformers schedule
@@ -112,11 +108,15 @@ def main(argv: list[str] | None = None) -> None:
             if due(args.logging_strategy, step, logging_steps, epoch_end) or first or (
                     done and args.logging_strategy != "no"):
                 logger.log({"loss": sum(window) / len(window), "grad_norm": grad_norm, "learning_rate": lr,
+                            **({"skipped_steps": run.skipped} if run.skipped else {}),
                             "epoch": epoch + (group_idx + 1) / len(groups), "step": step})
                 window = []
-            if due(args.save_strategy, step, save_steps, epoch_end) or (args.save_strategy == "steps" and done):
-                save_checkpoint(args.output_dir, step, {"": model}, tokenizer, optimizer, {"step": step},
-                                config_to_toml(args), run.dist.rank, args.save_total_limit)
+            stopping = run.stop.requested(device)  # SIGTERM/SIGINT on any rank: save now and exit
+            if stopping or due(args.save_strategy, step, save_steps, epoch_end) or (
+                    args.save_strategy == "steps" and done):
+                save(run, step, {"": model}, tokenizer, optimizer, {"step": step, "window": window})
+            if stopping:
+                stop_now(run, step, logger)
             if done:
                 break
 
@@ -144,7 +144,7 @@ def load(args: SFTConfig, device: torch.device):
                                               args.max_length, source=source)
     print0(f"[minirlhf] {source}: {len(examples)} examples, {n_dropped} dropped (no completion token left)")
     model = load_pretrained(CausalLM, args.model_name_or_path, revision=args.model_revision, dtype=args.dtype,
-                            device=device)
+                            device=device, new_model="model_name_or_path")
     model.transformer.gradient_checkpointing = args.gradient_checkpointing
     if args.use_peft:
         add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or LORA_DEFAULT)

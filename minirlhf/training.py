@@ -2,71 +2,191 @@
 
 Every `main()` reads: config -> `start` (parse, join the ranks, seed, precision, find the checkpoint) -> load its
 models and data -> `prepare` (resume the weights, shard or wrap, AdamW, resume its state) -> its loop, with
-`scheduled_lr`, `optimizer_step` and `due` -> `save_final`. References: transformers 5.23 trainer.py
+`scheduled_lr`, `optimizer_step`, `due` and `save` -> `save_final`. References: transformers 5.23 trainer.py
 (`Trainer._inner_training_loop`) and trainer_callback.py (`DefaultFlowCallback`).
+
+What keeps a run's work safe (README, "Reliability"): an output_dir holding another run is resumed or refused,
+never silently mixed with (`check_output_dir`); SIGTERM/SIGINT end the run at a step boundary with a checkpoint
+(`StopSignal`); a non-finite loss or gradient norm stops the run before anything of it is saved, or skips the update
+(`optimizer_step`, `check_finite`).
 """
 
+import contextlib
 import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from minirlhf.checkpoint import load_checkpoint, load_checkpoint_weights, resolve_resume
-from minirlhf.common import Dist, init_distributed, print0, resolve_precision, seed_everything
-from minirlhf.config import TrainingConfig, exit_on_bad_input, parse_config_or_exit, require, save_config
+from minirlhf.checkpoint import (
+    checkpoint_dirs,
+    load_checkpoint,
+    load_checkpoint_weights,
+    read_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from minirlhf.common import (
+    Dist,
+    all_reduce,
+    cleanup_distributed,
+    init_distributed,
+    module_name,
+    print0,
+    resolve_precision,
+    seed_everything,
+)
+from minirlhf.config import (
+    TrainingConfig,
+    config_to_toml,
+    exit_on_bad_input,
+    parse_config_or_exit,
+    require,
+    save_config,
+)
 from minirlhf.hf import save_pretrained
 from minirlhf.optim import AdamW, lr_multiplier, param_groups, steps_from
 from minirlhf.parallel import distribute, full_model_state, full_tensor
 
 
+class StopSignal:
+    """SIGTERM (pre-emption) or SIGINT (Ctrl-C): the loop finishes its optimizer step, saves a checkpoint and exits
+    with 128 + the signal number (143, 130), so that a scheduler or `sft && reward` sees an unfinished run. A second
+    signal, or one before the loop has started, exits at once; saves are atomic, so the last good checkpoint stays.
+    A repeat within a second is the same request: torchrun forwards what it gets (SIGTERM, SIGINT) to its workers,
+    which a scheduler or a terminal signalled directly too; it then waits 30 s before it kills them. Only the main
+    thread may install handlers (an in-process caller on another thread gets none)."""
+
+    def __init__(self):
+        self.signum, self.in_loop, self.first = None, False, 0.0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(signum, self.handle)
+            except ValueError:  # not the main thread
+                return
+
+    def handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None and time.monotonic() - self.first < 1:
+            return
+        if self.signum is not None or not self.in_loop:
+            print(f"[minirlhf] {name}: exiting at once; checkpoints already written are complete", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
+        self.signum, self.first = signum, time.monotonic()
+        print0(f"[minirlhf] {name}: finishing this step, then saving a checkpoint (send it again to exit at once)")
+
+    def requested(self, device: torch.device) -> bool:
+        """Whether any rank got a signal: one all-reduced flag per step, so that every rank stops at the same step."""
+        return all_reduce(torch.tensor(float(self.signum is not None), device=device), "max").item() > 0
+
+
 @dataclass
 class Run:
-    """A started run: its config, its process (rank, world size, device), the autocast dtype (None: fp32) and the
-    checkpoint it resumes from (None: a fresh start)."""
+    """A started run: its config, its process (rank, world size, device), the autocast dtype (None: fp32), the
+    checkpoint it resumes from (None: a fresh start), the trainer ("reward", "sft", "ppo") and the run id written
+    into its checkpoints."""
 
     args: TrainingConfig
     dist: Dist
     precision: torch.dtype | None
     resume: Path | None
+    trainer: str
+    run_id: str
+    stop: StopSignal
+    skipped: int = 0  # updates dropped for a non-finite loss or gradient (on_nonfinite = "skip")
 
 
 def start(config_class: type, argv: list[str] | None) -> Run:
+    stop = StopSignal()  # from the start: Ctrl-C while loading exits with one line, not a traceback
     args = parse_config_or_exit(config_class, argv)
     dist = init_distributed()
+    trainer = module_name(config_class).rpartition(".")[2]
     with exit_on_bad_input():
         # FSDP shards over the processes torchrun starts; in a plain process it is a config error
         require(not args.fsdp or torch.distributed.is_initialized(), "fsdp",
                 "needs several processes: launch with torchrun --nproc_per_node=N, or leave fsdp unset")
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir, trainer)
+        run_id = read_state(resume).get("run_id", "") if resume else uuid.uuid4().hex  # "": saved before run ids
+        check_writable(args.output_dir)
     seed_everything(args.seed)  # before loading: a new score head is the first random draw (huggingface/trl#4887)
-    return Run(args, dist, resolve_precision(args.bf16, args.fp16, dist.device), resume)
+    return Run(args, dist, resolve_precision(args.bf16, args.fp16, dist.device), resume, trainer, run_id, stop)
 
 
-def prepare(run: Run, model: nn.Module, saved: dict[str, nn.Module], sharded: tuple[nn.Module, ...] = ()):
-    """(the module the loop calls, the optimizer over `model`, trainer_state or None on a fresh start). `saved` maps
-    each checkpoint subfolder to its model ("" = the checkpoint itself); `sharded`: the models to shard (FSDP)."""
+def check_writable(output_dir: str) -> None:
+    """output_dir must be a folder we can write in (found now, not at the first save an hour later)."""
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as e:
+        raise ValueError(f"output_dir: cannot write to {output_dir} ({e.strerror or e})") from None
+
+
+def check_output_dir(args: TrainingConfig, run_id: str | None) -> None:
+    """output_dir must hold no other run (checkpoints of another run id, or a final model on a fresh start) unless
+    overwrite_output_dir: a fresh run must neither delete a finished run's work nor mix its checkpoints with its own
+    (resume_from_checkpoint = true would then pick the other run's)."""
+    output_dir = Path(args.output_dir)
+    others = [p.name for p in checkpoint_dirs(output_dir) if read_state(p).get("run_id", "") != run_id]
+    final = [p.name for p in output_dir.glob("model*.safetensors*")] if run_id is None else []
+    if (others or final) and not args.overwrite_output_dir:
+        found = ", ".join([*others[-2:], *final[:1]])
+        raise ValueError(f"output_dir: {output_dir} holds another run ({found}); resume it with "
+                         "--resume_from_checkpoint=true (or a checkpoint path), or start afresh with "
+                         "--overwrite_output_dir=true, which deletes its checkpoints")
+
+
+def prepare(run: Run, model: nn.Module, saved: dict[str, nn.Module], sharded: tuple[nn.Module, ...] = (),
+            new_state: dict | None = None):
+    """(the module the loop calls, the optimizer over `model`, trainer_state: new_state, or None, on a fresh start).
+    `saved` maps each checkpoint subfolder to its model ("" = the checkpoint itself); `sharded`: the models to shard
+    (FSDP); a resumed trainer_state must have every key of `new_state`."""
     args = run.args
+    with exit_on_bad_input():  # after loading, so that a bad model or dataset is reported first
+        check_output_dir(args, run.run_id if run.resume else None)
     if run.resume is not None:
-        load_checkpoint_weights(run.resume, saved)  # before sharding: whole tensors into whole parameters
+        with exit_on_bad_input():
+            load_checkpoint_weights(run.resume, saved)  # before sharding: whole tensors into whole parameters
     train_model = distribute(model, args.fsdp, sharded)
     optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    state = None
+    state = new_state
     if run.resume is not None:
-        state = load_checkpoint(run.resume, optimizer, run.dist.rank)
+        with exit_on_bad_input():
+            state = load_checkpoint(run.resume, optimizer, run.dist.rank)
+            missing = sorted(set(new_state or {}) - set(state))  # e.g. an SFT checkpoint saved before "trainer"
+            require(not missing, "resume_from_checkpoint", f"{run.resume}: trainer_state.json has no {missing}: not "
+                    f"a minirlhf.{run.trainer} checkpoint")
+        run.skipped = state.get("skipped_steps", 0)
         print0(f"[minirlhf] resumed from {run.resume} at step {state['step']}")
     if run.dist.is_main:
+        # everything loaded: only now may an overwritten run's checkpoints go (a bad input leaves them be)
+        for old in checkpoint_dirs(args.output_dir) if args.overwrite_output_dir else []:
+            if read_state(old).get("run_id", "") != run.run_id:
+                shutil.rmtree(old)
+                print0(f"[minirlhf] overwrite_output_dir: deleted {old}")
         save_config(args, Path(args.output_dir) / "config.toml")
+    run.stop.in_loop = True
     return train_model, optimizer, state
 
 
 def count_steps(args: TrainingConfig, n_examples: int, world_size: int) -> tuple[int, int, int]:
     """(batches per epoch per rank, optimizer steps per epoch, optimizer steps in the run), as transformers'
-    `Trainer._inner_training_loop` counts them; a short last batch is one unless dataloader_drop_last."""
+    `Trainer._inner_training_loop` counts them; a short last batch is one unless dataloader_drop_last. No batch at all
+    (an empty or all-filtered dataset) is a ValueError: the loop would never reach a step."""
     global_batch = args.per_device_train_batch_size * world_size
     batches = n_examples // global_batch if args.dataloader_drop_last else math.ceil(n_examples / global_batch)
+    if batches == 0:
+        raise ValueError(f"{args.dataset_name}: {n_examples} training examples, fewer than one batch of {global_batch}"
+                         " (per_device_train_batch_size * ranks; rows over max_length are dropped)")
     steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
     return batches, steps_per_epoch, args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * steps_per_epoch)
@@ -79,14 +199,36 @@ def scheduled_lr(args: TrainingConfig, step: int, total_steps: int) -> float:
                                               **(args.lr_scheduler_kwargs or {}))
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
+def optimizer_step(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, loss: float) -> float:
     """Clip the global gradient norm to max_grad_norm (0: no clipping), step, free the gradients; returns the norm
-    before clipping (what transformers logs as grad_norm)."""
-    max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
+    before clipping (what transformers logs as grad_norm). `step`: the number of this step (from 1); `loss`: its loss
+    over all ranks. A non-finite loss or norm (the same on every rank) goes to check_finite: under "skip" the update is
+    dropped and counted in run.skipped."""
+    max_norm = run.args.max_grad_norm if run.args.max_grad_norm > 0 else math.inf
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)).item()
-    optimizer.step()
+    if check_finite(run, step, {"loss": loss, "grad_norm": grad_norm}):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # frees the memory now rather than at the next backward
     return grad_norm
+
+
+def check_finite(run: Run, step: int, values: dict[str, float]) -> bool:
+    """True if every value is finite on every rank. Otherwise, under on_nonfinite = "stop", say which at which step
+    and exit 1 before anything of this step is saved; under "skip", count it in run.skipped and return False."""
+    bad = [f"{k} = {v}" for k, v in values.items() if not math.isfinite(v)]
+    if all_reduce(torch.tensor(float(bool(bad)), device=run.dist.device), "max").item() == 0:
+        return True
+    what = ", ".join(bad) or "a value on another rank"
+    if run.args.on_nonfinite == "skip":
+        run.skipped += 1
+        print0(f"[minirlhf] step {step}: {what}; update skipped ({run.skipped} so far)")
+        return False
+    last = checkpoint_dirs(run.args.output_dir, run.run_id)
+    skip = "" if "on_nonfinite" in run.args.unused else ', or set on_nonfinite = "skip"'  # PPO cannot skip
+    print0(f"error: step {step}: {what}; stopped without saving (last checkpoint: {last[-1] if last else 'none'}); "
+           f"lower learning_rate{skip}", file=sys.stderr)
+    cleanup_distributed()
+    raise SystemExit(1)
 
 
 def due(strategy: str, step: int, every: int, epoch_end: bool) -> bool:
@@ -96,12 +238,67 @@ def due(strategy: str, step: int, every: int, epoch_end: bool) -> bool:
     return strategy == "epoch" and epoch_end
 
 
+def check_update(run: Run, update: int, losses: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """PPO, after an update's optimizer steps: check_finite over its losses and the sum of the weights (this rank's
+    shards under FSDP), nan or inf when any weight is or has blown up, so that neither is saved."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    weights = torch.stack([p.detach().float().sum() for p in local]).sum().item()
+    check_finite(run, update, {**{k: v.sum().item() for k, v in losses.items()}, "weights": weights})
+
+
+def check_positions(model: nn.Module, prompt_length: int, response_length: int) -> None:
+    """The longest prompt plus response_length new tokens must fit a model with learned positions (GPT-2's n_positions:
+    beyond it there is no embedding; rotary models extrapolate, as in transformers)."""
+    limit = model.cfg.max_position_embeddings
+    require(model.cfg.positions != "learned" or prompt_length + response_length <= limit, "response_length",
+            f"the longest prompt ({prompt_length} tokens) + response_length ({response_length}) exceeds the model's "
+            f"{limit} positions; lower response_length or shorten the prompts")
+
+
+def save(run: Run, step: int, models: dict[str, nn.Module], tokenizer, optimizer, state: dict) -> None:
+    """checkpoint-<step> of this run (trainer and run id in its trainer_state.json); every rank calls it. A full disk
+    or another OS error: one line, the temporary folder removed, exit 2; the checkpoints before it are intact."""
+    with exit_on_os_error(f"checkpoint-{step}", Path(run.args.output_dir) / f".tmp-checkpoint-{step}"):
+        save_checkpoint(run.args.output_dir, step, models, tokenizer, optimizer,
+                        {**state, "trainer": run.trainer, "run_id": run.run_id, "skipped_steps": run.skipped},
+                        config_to_toml(run.args), run.dist.rank, run.args.save_total_limit)
+
+
+@contextlib.contextmanager
+def exit_on_os_error(what: str, tmp: Path):
+    """Around a save: an OS error (a full disk, a vanished mount) prints one line and exits 2, after removing the
+    temporary folder `tmp`; what was saved before is intact, the saves being atomic. torch.save reports a failed
+    write as a RuntimeError raised while handling the OSError, so the OSError is looked for in the chain."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(error, OSError):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"error: output_dir: cannot save {what} in {tmp.parent} ({error.strerror or error}); what was saved "
+              "before is intact", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def stop_now(run: Run, step: int, logger) -> None:
+    """After a stop signal, once checkpoint-<step> is saved: say where, and exit 128 + the signal number."""
+    logger.close()
+    print0(f"[minirlhf] stopped by {signal.Signals(run.stop.signum or signal.SIGTERM).name} after step {step}: "
+           f"saved {Path(run.args.output_dir) / f'checkpoint-{step}'}; continue with --resume_from_checkpoint=true")
+    cleanup_distributed()
+    raise SystemExit(128 + (run.stop.signum or signal.SIGTERM))
+
+
 def save_final(run: Run, models: dict[str, nn.Module], tokenizer) -> None:
     """Each model (subfolder -> model) and the tokenizer into output_dir; every rank calls it, rank 0 writes."""
+    run.stop.in_loop = False  # a signal now exits at once: the save below is atomic, the last checkpoint complete
     weights = {sub: full_model_state(model) for sub, model in models.items()}
     if run.dist.is_main:
         for sub, model in models.items():
-            save_pretrained(model, str(Path(run.args.output_dir) / sub), state_dict=weights[sub])
+            folder = Path(run.args.output_dir) / sub
+            with exit_on_os_error("the final model", folder / ".tmp-save"):
+                save_pretrained(model, str(folder), state_dict=weights[sub])
         tokenizer.save_pretrained(run.args.output_dir)
         also = "".join(f" and {sub}/" for sub in models if sub)
         print0(f"[minirlhf] saved the final model{also} to {run.args.output_dir}")

@@ -1,6 +1,7 @@
 """Shared test fixtures: every test starts from the same seed and leaves the default dtype as it found it."""
 
 import os
+import signal
 
 import pytest
 import torch
@@ -20,3 +21,32 @@ def _seed_dtype_threads():
     yield
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """A main() called in-process installs SIGTERM/SIGINT handlers (training.StopSignal); put pytest's back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory):
+    """The shipped toy task's tiny Llama with seeded random weights saved, and its tokenizer: PPO refuses a model folder
+    without weights, which configs/toytask/model is on purpose (reward and SFT start from a random init there)."""
+    import shutil
+    from pathlib import Path
+
+    from minirlhf.hf import load_pretrained, save_pretrained
+    from minirlhf.model import CausalLM
+
+    source = Path(__file__).resolve().parents[1] / "configs" / "toytask" / "model"
+    folder = tmp_path_factory.mktemp("toy")
+    torch.manual_seed(0)
+    save_pretrained(load_pretrained(CausalLM, str(source), new_model="model_name_or_path"), str(folder))
+    for file in source.iterdir():
+        if file.name != "config.json":
+            shutil.copy(file, folder / file.name)
+    return folder

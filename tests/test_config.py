@@ -49,7 +49,9 @@ NOT_IN_TRL = {"warmup_ratio": "removed in transformers 5; accepted as the ratio 
               "metric_funcs": "minirlhf: text functions logged as objective/<name>",
               "reward_funcs": "GRPO/RLOOTrainer's argument, as import paths", "reward_weights": "GRPO/RLOO's name",
               "num_generations": "GRPO/RLOO's name; default 1, TRL's PPO", "advantage_estimator": "minirlhf",
-              "value_model_path": "minirlhf: TRL's PPO takes a value model object"}
+              "value_model_path": "minirlhf: TRL's PPO takes a value model object",
+              "overwrite_output_dir": "transformers 4.x (removed in 5): start afresh over another run",
+              "on_nonfinite": "minirlhf: stop or skip at a nan/inf loss or gradient norm"}
 # TRL's ModelConfig fields (PPO only): compared with ModelConfig's defaults
 MODEL_FIELDS = {"use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
 

@@ -208,10 +208,10 @@ def test_reinforce_pp_matches_its_equations():
     (["--advantage_estimator", "rloo", "--num_generations", "2", "--value_model_path", "x"],
      "value_model_path: advantage_estimator 'rloo' has no value model"),
 ])
-def test_bad_values_are_one_line_errors(tmp_path, flags, message):
+def test_bad_values_are_one_line_errors(toy_model, tmp_path, flags, message):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(f'{{"prompt": "name some fruits {i} :"}}\n' for i in range(8)))
-    result = subprocess.run([sys.executable, "-m", "minirlhf.ppo", "--sft_model_path", "configs/toytask/model",
+    result = subprocess.run([sys.executable, "-m", "minirlhf.ppo", "--sft_model_path", str(toy_model),
                              "--dataset_name", str(prompts), "--per_device_train_batch_size", "4",
                              "--output_dir", str(tmp_path / "out"), *flags],
                             capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""},
@@ -221,23 +221,23 @@ def test_bad_values_are_one_line_errors(tmp_path, flags, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
-def run_toy(tmp_path: Path, name: str, *flags: str) -> tuple[Path, list[dict]]:
-    """One short in-process run on the toy prompts from the task's randomly initialised model; its metrics."""
+def run_toy(toy_model: Path, tmp_path: Path, name: str, *flags: str) -> tuple[Path, list[dict]]:
+    """One short in-process run on the toy prompts from the task's model (seeded random weights); its metrics."""
     out = tmp_path / name
-    ppo.main(["--sft_model_path", "configs/toytask/model", "--dataset_name", "configs/toytask/prompts",
+    ppo.main(["--sft_model_path", str(toy_model), "--dataset_name", "configs/toytask/prompts",
               "--output_dir", str(out), "--per_device_train_batch_size", "8", "--num_mini_batches", "2",
               "--num_ppo_epochs", "1", "--response_length", "4", "--stop_token", "eos", "--num_sample_generations", "0",
               "--save_strategy", "no", "--gradient_checkpointing", "false", "--learning_rate", "1e-3", *flags])
     return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_reward_functions_add_to_the_reward_model(tmp_path, monkeypatch):
+def test_reward_functions_add_to_the_reward_model(toy_model, tmp_path, monkeypatch):
     """The first update samples before any training, so with the same seed it sees the same rollouts: adding the
     gold score with weight 2 raises objective/scores by exactly twice the gold score's mean."""
     monkeypatch.chdir(ROOT)
-    common = ["--reward_model_path", "configs/toytask/model", "--total_episodes", "8"]
-    _, (alone,) = run_toy(tmp_path, "rm", *common, "--metric_funcs", "minirlhf.toytask:gold_score")
-    _, (both,) = run_toy(tmp_path, "both", *common, "--reward_funcs", "minirlhf.toytask:gold_score",
+    common = ["--reward_model_path", str(toy_model), "--total_episodes", "8"]
+    _, (alone,) = run_toy(toy_model, tmp_path, "rm", *common, "--metric_funcs", "minirlhf.toytask:gold_score")
+    _, (both,) = run_toy(toy_model, tmp_path, "both", *common, "--reward_funcs", "minirlhf.toytask:gold_score",
                          "--reward_weights", "2")
     assert both["objective/gold_score"] == alone["objective/gold_score"] > 0
     assert both["objective/scores"] == pytest.approx(alone["objective/scores"] + 2 * alone["objective/gold_score"],
@@ -247,27 +247,27 @@ def test_reward_functions_add_to_the_reward_model(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
-def test_reward_functions_alone(tmp_path, monkeypatch, capsys, estimator):
+def test_reward_functions_alone(toy_model, tmp_path, monkeypatch, capsys, estimator):
     """No reward model: the gold score is the reward. GAE's value model starts from the policy; a critic-free
     estimator builds and saves none, and logs no value statistics."""
     monkeypatch.chdir(ROOT)
-    out, metrics = run_toy(tmp_path, estimator, "--reward_model_path", "none", "--reward_funcs",
+    out, metrics = run_toy(toy_model, tmp_path, estimator, "--reward_model_path", "none", "--reward_funcs",
                            "minirlhf.toytask:gold_score", "--advantage_estimator", estimator, "--num_generations", "4",
                            "--total_episodes", "16")
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["epoch"] == 16 / (4 * 1000)
     assert all(m["objective/scores"] == pytest.approx(m["objective/gold_score"], abs=1e-6) for m in metrics)
     assert (out / "value_model").exists() == ("loss/value_avg" in metrics[0]) == (estimator == "gae")
-    assert ("value model from configs/toytask/model" in capsys.readouterr().out) == (estimator == "gae")
+    assert (f"value model from {toy_model}" in capsys.readouterr().out) == (estimator == "gae")
 
 
-def test_critic_free_run_resumes_bitwise(tmp_path, monkeypatch):
+def test_critic_free_run_resumes_bitwise(toy_model, tmp_path, monkeypatch):
     """RLOO without a value model: a run interrupted after its checkpoint and resumed ends where the uninterrupted
     one does (weights bitwise, every deterministic metric)."""
     monkeypatch.chdir(ROOT)
     flags = ["--reward_model_path", "none", "--reward_funcs", "minirlhf.toytask:gold_score", "--advantage_estimator",
              "rloo", "--num_generations", "2", "--total_episodes", "32", "--save_strategy", "steps",
              "--save_steps", "2"]
-    a, _ = run_toy(tmp_path, "a", *flags)
+    a, _ = run_toy(toy_model, tmp_path, "a", *flags)
     update, calls = ppo.ppo_update, []
 
     def interrupted_update(*args, **kwargs):
@@ -278,9 +278,9 @@ def test_critic_free_run_resumes_bitwise(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ppo, "ppo_update", interrupted_update)
     with pytest.raises(KeyboardInterrupt):
-        run_toy(tmp_path, "b", *flags)
+        run_toy(toy_model, tmp_path, "b", *flags)
     monkeypatch.setattr(ppo, "ppo_update", update)
-    b, metrics = run_toy(tmp_path, "b", *flags, "--resume_from_checkpoint", "true")
+    b, metrics = run_toy(toy_model, tmp_path, "b", *flags, "--resume_from_checkpoint", "true")
     assert (b / "checkpoint-2").is_dir() and not (b / "checkpoint-2" / "value_model").exists()
     ours, theirs = load_file(b / "model.safetensors"), load_file(a / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -97,7 +97,7 @@ def test_hub_id_resolves_from_offline_cache(tmp_path, monkeypatch):
 
 def test_folder_without_weights_is_initialised_randomly(tmp_path, capsys):
     hf_model("llama").config.save_pretrained(tmp_path)
-    model = load_pretrained(CausalLM, str(tmp_path))
+    model = load_pretrained(CausalLM, str(tmp_path), new_model="model_name_or_path")
     assert "no weights" in capsys.readouterr().out
     std = model.transformer.embed.weight.std().item()
     assert abs(std - 0.02) < 0.005  # N(0, initializer_range)

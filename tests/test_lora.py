@@ -100,7 +100,8 @@ def test_lora_ppo_run(base, tmp_path, monkeypatch):
         return score_responses(ref_policy, *args, **kwargs)
 
     monkeypatch.setattr(ppo, "score_responses", recording_score_responses)
-    start = load_pretrained(CausalLM, "configs/toytask/model")  # a seeded random init, saved with its tokenizer
+    # a seeded random init, saved with its tokenizer
+    start = load_pretrained(CausalLM, "configs/toytask/model", new_model="model_name_or_path")
     save_pretrained(start, str(tmp_path / "sft"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "sft" / name).write_bytes((ROOT / "configs/toytask/model" / name).read_bytes())
@@ -133,11 +134,11 @@ def test_lora_ppo_run(base, tmp_path, monkeypatch):
     (["--save_strategy", "steps"], "save_strategy: use_peft saves no checkpoints"),
     (["--lora_target_modules", "c_attn"], "lora_target_modules: ['c_attn'] names no Linear layer of the model"),
 ])
-def test_bad_values_are_one_line_errors(tmp_path, flags, message):
+def test_bad_values_are_one_line_errors(toy_model, tmp_path, flags, message):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "minirlhf.ppo", "--sft_model_path", "configs/toytask/model",
+    result = subprocess.run([sys.executable, "-m", "minirlhf.ppo", "--sft_model_path", str(toy_model),
                              "--reward_model_path", "none", "--reward_funcs", "minirlhf.toytask:gold_score",
                              "--dataset_name", "configs/toytask/prompts", "--use_peft", "true",
                              "--save_strategy", "no", "--output_dir", str(tmp_path / "out"), *flags],
@@ -190,7 +191,7 @@ def test_sft_with_lora_saves_an_adapter_peft_loads(tmp_path, monkeypatch):
 
     from minirlhf import sft
     monkeypatch.chdir(ROOT)
-    start = load_pretrained(CausalLM, "configs/toytask/model")
+    start = load_pretrained(CausalLM, "configs/toytask/model", new_model="model_name_or_path")
     save_pretrained(start, str(tmp_path / "base"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "base" / name).write_bytes((ROOT / "configs/toytask/model" / name).read_bytes())
@@ -215,7 +216,7 @@ def test_reward_model_with_lora_saves_an_adapter_peft_loads(tmp_path, monkeypatc
 
     from minirlhf import reward
     monkeypatch.chdir(ROOT)
-    start = load_pretrained(CausalLM, "configs/toytask/model")
+    start = load_pretrained(CausalLM, "configs/toytask/model", new_model="model_name_or_path")
     save_pretrained(start, str(tmp_path / "base"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "base" / name).write_bytes((ROOT / "configs/toytask/model" / name).read_bytes())

@@ -408,7 +408,7 @@ def toy_run(tmp_path_factory) -> tuple[Path, list[str]]:
     folder = tmp_path_factory.mktemp("toy")
     toytask.write(folder / "task")
     torch.manual_seed(0)
-    policy = load_pretrained(CausalLM, str(folder / "task" / "model"))
+    policy = load_pretrained(CausalLM, str(folder / "task" / "model"), new_model="model_name_or_path")
     save_pretrained(policy, str(folder / "sft"))
     Tokenizer.from_pretrained(folder / "task" / "model").save_pretrained(folder / "sft")
     save_pretrained(load_pretrained(RewardModel, str(folder / "sft")), str(folder / "reward"))

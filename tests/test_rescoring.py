@@ -113,8 +113,8 @@ def test_detection(models, tmp_path):
     assert reward_tokenizer_if_different(no_model, tokenizer) is None
 
 
-def run_cli(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minirlhf.ppo", "--sft_model_path", "configs/toytask/model",
+def run_cli(toy_model: Path, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minirlhf.ppo", "--sft_model_path", str(toy_model),
                            "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"), *flags],
                           capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""},
                           timeout=120)
@@ -126,7 +126,7 @@ def run_cli(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     (["--dataset_name", "configs/toytask/prompts_chat", "--advantage_estimator", "grpo", "--num_generations", "2"],
      "reward_model_path: the prompts are conversations, but the reward model's tokenizer has no chat template"),
 ])
-def test_impossible_combinations_are_one_line_errors(models, tmp_path, flags, message):
+def test_impossible_combinations_are_one_line_errors(toy_model, models, tmp_path, flags, message):
     (tmp_path / "reward").mkdir()  # the reward model, with a tokenizer lacking a chat template
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         (tmp_path / "reward" / name).write_bytes((models / "reward" / name).read_bytes())
@@ -134,18 +134,18 @@ def test_impossible_combinations_are_one_line_errors(models, tmp_path, flags, me
     config.pop("chat_template", None)  # transformers 5 writes it to chat_template.jinja, not copied
     (tmp_path / "reward" / "tokenizer_config.json").write_text(json.dumps(config))
     value = ["--value_model_path", str(tmp_path / "reward")] if "value_model_path" in message else []
-    result = run_cli(tmp_path, "--reward_model_path", str(tmp_path / "reward"), *value, *flags)
+    result = run_cli(toy_model, tmp_path, "--reward_model_path", str(tmp_path / "reward"), *value, *flags)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
-def test_conversational_prompts_run(tmp_path, monkeypatch, capsys):
+def test_conversational_prompts_run(toy_model, tmp_path, monkeypatch, capsys):
     """The shipped chat prompts through the loop: the reward model (the task's model, random) reads the rendered
     conversations; the gold score, a reward function, gets TRL's conversational arguments."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "chat"
-    ppo.main(["--sft_model_path", "configs/toytask/model", "--reward_model_path", "configs/toytask/model",
+    ppo.main(["--sft_model_path", str(toy_model), "--reward_model_path", str(toy_model),
               "--dataset_name", "configs/toytask/prompts_chat", "--reward_funcs", "minirlhf.toytask:gold_score",
               "--output_dir", str(out), "--per_device_train_batch_size", "8", "--num_ppo_epochs", "1",
               "--response_length", "4", "--stop_token", "eos", "--num_sample_generations", "1",

@@ -130,7 +130,7 @@ def test_logs_start_anew_and_resume_without_repeats(tmp_path, data_dir):
               "--per_device_train_batch_size=4", "--logging_steps=1", "--gradient_checkpointing=false",
               f"--output_dir={tmp_path / 'out'}", "--save_steps=4"]
     reward.main([*common, "--max_steps=6"])
-    reward.main([*common, "--max_steps=6"])
+    reward.main([*common, "--max_steps=6", "--overwrite_output_dir=true"])
     assert [r["step"] for r in read_metrics(tmp_path / "out")] == [1, 2, 3, 4, 5, 6, 6]  # 6 logs + the final record
     with open(tmp_path / "out" / "metrics.jsonl", "a") as f:
         f.write('{"loss": 0.5, "st')  # a record cut off by a crash
