@@ -134,7 +134,8 @@ def test_signal_and_resume_in_sft_and_ppo(task, trainer, capsys):
     drop = {"eps", "train_runtime", "train_samples_per_second", "train_steps_per_second"}  # wall-clock rates
 
     def kept(records: list[dict]) -> list[str]:  # JSON text: a nan (one cell's val/ratio_var) equals itself
-        return [json.dumps({k: v for k, v in r.items() if k not in drop and not k.startswith("time/")}) for r in records]
+        return [json.dumps({k: v for k, v in r.items() if k not in drop and not k.startswith("time/")})
+                for r in records]
 
     assert kept(resumed) == kept(full)
 
