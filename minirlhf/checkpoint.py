@@ -3,7 +3,9 @@
 `checkpoint-<step>/` holds the model in Hugging Face layout (transformers loads it as is), the tokenizer, and the
 training state: `optimizer.pt` (AdamW moments), `trainer_state.json` (step, epoch, data position, logging
 accumulators), `rng_state_<rank>.pth` (Python, NumPy, torch and CUDA generators of every rank) and `config.toml`.
-Under FSDP the weights and moments are gathered and saved whole, so the files are the same as without it.
+Under FSDP the weights and moments are gathered and saved whole, so the files are the same as without it. A LoRA
+model is saved as its adapter in PEFT's layout (`adapter_model.safetensors`, `adapter_config.json`): what trains,
+while the frozen base is loaded again from the starting model on resume.
 A checkpoint is written into a temporary folder, its files fsync'ed, and renamed into place, so a crash (even
 kill -9) never leaves a half-written `checkpoint-<step>` behind; the oldest ones of the same run beyond
 `save_total_limit` are then deleted, renamed away first so that a crash mid-deletion leaves no partial checkpoint
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from minirlhf.hf import load_pretrained, save_pretrained
+from minirlhf.lora import load_adapter, lora_layers, lora_settings, save_adapter
 from minirlhf.parallel import full_model_state, full_optimizer_state, load_optimizer_state
 
 
@@ -134,7 +137,7 @@ def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, s
     optimizer_state = full_optimizer_state(optimizer)
     if rank == 0:
         for sub, model in models.items():
-            save_pretrained(model, str(tmp / sub), state_dict=weights[sub])
+            save_weights(model, tmp / sub, weights[sub])
         tokenizer.save_pretrained(str(tmp))
         with open(tmp / "optimizer.pt", "wb") as f:  # via a file object a failed write (full disk) shows its OSError
             torch.save(optimizer_state, f)
@@ -155,10 +158,22 @@ def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, s
         dist.barrier()
 
 
+def save_weights(model, folder: Path, state_dict: dict) -> None:
+    """A model in Hugging Face layout, or a LoRA model's adapter (and score head) alone: its base never changes."""
+    if lora_layers(model):
+        save_adapter(model, folder, *lora_settings(model), base_model_path=None)  # the base: config.toml's path
+    else:
+        save_pretrained(model, str(folder), state_dict=state_dict)
+
+
 def load_checkpoint_weights(path: Path, models: dict) -> None:
     """Each model (subfolder -> model, as save_checkpoint takes them) from checkpoint `path`, over the starting
-    weights (so that a new score head drew the same random numbers as in the first run)."""
+    weights (so that a new score head drew the same random numbers as in the first run); into a LoRA model, its
+    adapter."""
     for sub, model in models.items():
+        if lora_layers(model):
+            load_adapter(model, path / sub)
+            continue
         param = next(model.parameters())
         trained = load_pretrained(type(model), str(path / sub), dtype=param.dtype, device=param.device)
         try:

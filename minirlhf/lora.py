@@ -1,7 +1,8 @@
 """LoRA, natively: low-rank adapters on chosen Linear layers, switched off to get the base model back, merged, and
 saved in PEFT's layout (adapter_config.json + adapter_model.safetensors) so that `peft.PeftModel.from_pretrained`
-loads them. PPO uses it for the policy (`use_peft`): the reference log-probs come from the same model with its
-adapters disabled, so no reference copy is kept in memory; SFT and reward modelling for their model.
+loads them; a LoRA run's checkpoints hold the adapter alone, which `load_adapter` puts back on resume. PPO uses it
+for the policy (`use_peft`): the reference log-probs come from the same model with its adapters disabled, so no
+reference copy is kept in memory; SFT and reward modelling for their model.
 
 References: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (Eq. 3: h = W0 x + (alpha / r) B A x);
 PEFT src/peft/tuners/lora/layer.py (`Linear`: A kaiming-uniform with a = sqrt(5), B zeros, dropout on x) and
@@ -15,7 +16,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minirlhf.config import require
@@ -32,8 +33,6 @@ def check_lora(args) -> None:
         return
     require(args.lora_r >= 1, "lora_r", f"must be >= 1, got {args.lora_r}")
     require(0 <= args.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {args.lora_dropout}")
-    require(args.save_strategy == "no", "save_strategy", "use_peft saves no checkpoints (the adapter and merged "
-            "model are saved at the end): set save_strategy = 'no'")
     require(not args.fsdp, "fsdp", "use_peft runs with DDP or one process, not FSDP")
 
 
@@ -43,6 +42,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__()
         self.base, self.scaling, self.enabled = base.requires_grad_(False), alpha / r, True
+        self.r, self.alpha, self.dropout_p = r, alpha, dropout  # as configured, for adapter_config.json
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init: the adapter starts at 0
@@ -105,25 +105,52 @@ def merged(model: nn.Module) -> nn.Module:
     return out
 
 
-def save_adapter(model: nn.Module, folder: str | Path, r: int, alpha: float, dropout: float,
-                 base_model_path: str) -> None:
-    """adapter_config.json and adapter_model.safetensors in PEFT's layout: tensors named
-    base_model.model.<HF module>.lora_A.weight / lora_B.weight, and a reward model's whole score head."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    layers = lora_layers(model)
-    tensors = {}
-    for name, layer in layers.items():
+def lora_settings(model: nn.Module) -> tuple[int, float, float]:
+    """(r, alpha, dropout) of a model's adapters as add_lora made them (every layer shares them)."""
+    layer = next(iter(lora_layers(model).values()))
+    return layer.r, layer.alpha, layer.dropout_p
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Everything that trains, by its name in PEFT's adapter_model.safetensors: base_model.model.<HF module>.lora_A
+    .weight / lora_B.weight, and a reward model's whole score head (PEFT's modules_to_save)."""
+    params = {}
+    for name, layer in lora_layers(model).items():
         hf_module = hf_name(model.cfg, f"{name}.weight").removesuffix(".weight")
         for part in ("lora_A", "lora_B"):
-            tensors[f"base_model.model.{hf_module}.{part}.weight"] = getattr(layer, part).weight.detach().contiguous()
-    seq_cls = isinstance(model, RewardModel)  # its score head trains in full: PEFT's modules_to_save
-    if seq_cls:
-        tensors["base_model.model.score.weight"] = model.score.weight.detach().contiguous()
+            params[f"base_model.model.{hf_module}.{part}.weight"] = getattr(layer, part).weight
+    if isinstance(model, RewardModel):
+        params["base_model.model.score.weight"] = model.score.weight
+    return params
+
+
+def save_adapter(model: nn.Module, folder: str | Path, r: int, alpha: float, dropout: float,
+                 base_model_path: str | None) -> None:
+    """adapter_config.json and adapter_model.safetensors (adapter_parameters) in PEFT's layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().contiguous() for name, p in adapter_parameters(model).items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    targets = sorted({name.rpartition(".")[2] for name in layers})
+    seq_cls = isinstance(model, RewardModel)
+    targets = sorted({name.rpartition(".")[2] for name in lora_layers(model)})
     config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM", "r": r, "lora_alpha": alpha,
               "lora_dropout": dropout, "target_modules": targets, "bias": "none",
               "base_model_name_or_path": base_model_path, "fan_in_fan_out": False, "inference_mode": True,
               "modules_to_save": ["score"] if seq_cls else None}
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, folder: str | Path) -> None:
+    """save_adapter's tensors into the model's adapters (and score head), as a resumed run starts; a one-line
+    ValueError naming the file if it is unreadable or made for other adapters."""
+    file = Path(folder) / "adapter_model.safetensors"
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # missing or truncated
+        raise ValueError(f"{file}: cannot read the adapter ({str(e).strip() or type(e).__name__})") from None
+    params = adapter_parameters(model)
+    if tensors.keys() != params.keys() or any(tensors[k].shape != p.shape for k, p in params.items()):
+        raise ValueError(f"{file}: does not fit this model's adapters (another lora_r or lora_target_modules?)")
+    for name, p in params.items():
+        p.copy_(tensors[name])

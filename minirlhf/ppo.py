@@ -141,7 +141,7 @@ class PPOConfig(TrainingConfig):
     """one weight per reward function (TRL's name); None: all 1.0"""
     use_peft: bool = False
     """TRL ModelConfig: train LoRA adapters on the policy (minirlhf/lora.py); the reference is the policy with its
-    adapters off. Saves the adapter (PEFT layout) and the merged model in merged/; no checkpoints"""
+    adapters off. Saves the adapter (PEFT layout) and the merged model in merged/; checkpoints hold the adapter"""
     lora_r: int = 16
     """LoRA rank (TRL's default)"""
     lora_alpha: int = 32

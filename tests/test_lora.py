@@ -131,7 +131,7 @@ def test_lora_ppo_run(base, tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     (["--lora_r", "0"], "lora_r: must be >= 1, got 0"),
     (["--lora_dropout", "1"], "lora_dropout: must be in [0, 1), got 1.0"),
-    (["--save_strategy", "steps"], "save_strategy: use_peft saves no checkpoints"),
+    (["--fsdp", "full_shard"], "fsdp: use_peft runs with DDP or one process, not FSDP"),
     (["--lora_target_modules", "c_attn"], "lora_target_modules: ['c_attn'] names no Linear layer of the model"),
 ])
 def test_bad_values_are_one_line_errors(toy_model, tmp_path, flags, message):
@@ -240,3 +240,90 @@ def test_reward_model_with_lora_saves_an_adapter_peft_loads(tmp_path, monkeypatc
     assert all(torch.equal(v, base_weights[k]) for k, v in frozen.items())  # everything else is the base's
     assert not torch.equal(merged_weights["model.layers.0.self_attn.q_proj.weight"],
                            base_weights["model.layers.0.self_attn.q_proj.weight"])  # the adapter trained
+
+
+def test_lora_ppo_run_resumes_bitwise(toy_model, tmp_path, monkeypatch):
+    """LoRA PPO ("gae": the value model trains in full): a run interrupted after checkpoint-2 and resumed ends where
+    the uninterrupted one does (adapter and value model bitwise, every deterministic metric); the checkpoint holds
+    the adapter, not the policy."""
+    from safetensors.torch import load_file
+    monkeypatch.chdir(ROOT)
+
+    def run(name: str, *flags: str) -> tuple[Path, list[dict]]:
+        out = tmp_path / name
+        ppo.main(["--sft_model_path", str(toy_model), "--reward_model_path", "none", "--reward_funcs",
+                  "minirlhf.toytask:gold_score", "--dataset_name", "configs/toytask/prompts", "--use_peft", "true",
+                  "--lora_r", "4", "--output_dir", str(out), "--per_device_train_batch_size", "8",
+                  "--num_mini_batches", "2", "--num_ppo_epochs", "1", "--response_length", "4", "--stop_token", "eos",
+                  "--num_sample_generations", "0", "--total_episodes", "32", "--save_strategy", "steps",
+                  "--save_steps", "2", "--gradient_checkpointing", "false", "--learning_rate", "1e-2", *flags])
+        return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    a, uninterrupted = run("a")
+    update, calls = ppo.ppo_update, []
+
+    def interrupted_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # update 3, after checkpoint-2
+            raise KeyboardInterrupt
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", interrupted_update)
+    with pytest.raises(KeyboardInterrupt):
+        run("b")
+    monkeypatch.setattr(ppo, "ppo_update", update)
+    b, metrics = run("b", "--resume_from_checkpoint", "true")
+    checkpoint = sorted(p.name for p in (b / "checkpoint-2").iterdir())
+    assert "adapter_model.safetensors" in checkpoint and "model.safetensors" not in checkpoint
+    for file in ("adapter_model.safetensors", "value_model/model.safetensors"):
+        ours, theirs = load_file(b / file), load_file(a / file)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), file
+    assert any(v.abs().max() > 0 for k, v in load_file(a / "adapter_model.safetensors").items() if "lora_B" in k)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for ours_m, theirs_m in zip(metrics, uninterrupted, strict=True):
+        assert {k: v for k, v in ours_m.items() if k != "eps" and not k.startswith("time/")} == \
+            {k: v for k, v in theirs_m.items() if k != "eps" and not k.startswith("time/")}
+
+
+@pytest.mark.parametrize("trainer, flags", [
+    ("reward", ["--dataset_name", "configs/toytask/preference", "--eval_strategy", "no", "--disable_dropout", "false"]),
+    ("sft", ["--dataset_name", "configs/toytask/sft"]),
+])
+def test_lora_reward_and_sft_runs_resume_bitwise(tmp_path, monkeypatch, trainer, flags):
+    """A LoRA reward model (adapters and the new score head train) and SFT, lora_dropout on: interrupted after
+    checkpoint-2 and resumed, the adapter and metrics equal the uninterrupted run's bitwise."""
+    import importlib
+
+    from safetensors.torch import load_file
+    module = importlib.import_module(f"minirlhf.{trainer}")
+    monkeypatch.chdir(ROOT)
+
+    def run(name: str, *more: str) -> tuple[Path, list[dict]]:
+        out = tmp_path / name
+        module.main(["--model_name_or_path", "configs/toytask/model", *flags, "--output_dir", str(out), "--use_peft",
+                     "true", "--lora_r", "4", "--max_steps", "4", "--per_device_train_batch_size", "8",
+                     "--learning_rate", "1e-2", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps",
+                     "1", "--gradient_checkpointing", "false", *more])
+        return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    a, uninterrupted = run("a")
+    step, calls = module.optimizer_step, []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # step 3, after checkpoint-2
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(module, "optimizer_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        run("b")
+    monkeypatch.setattr(module, "optimizer_step", step)
+    b, metrics = run("b", "--resume_from_checkpoint", "true")
+    saved = load_file(b / "checkpoint-2" / "adapter_model.safetensors")
+    assert ("base_model.model.score.weight" in saved) == (trainer == "reward")
+    ours, theirs = load_file(b / "adapter_model.safetensors"), load_file(a / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    drop = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in metrics] == \
+        [{k: v for k, v in m.items() if k not in drop} for m in uninterrupted]
