@@ -174,6 +174,8 @@ def load_checkpoint_weights(path: Path, models: dict) -> None:
         if lora_layers(model):
             load_adapter(model, path / sub)
             continue
+        if (path / sub / "adapter_model.safetensors").exists():
+            raise ValueError(f"{path / sub}: holds a LoRA adapter, not a model: resume it with use_peft = true")
         param = next(model.parameters())
         trained = load_pretrained(type(model), str(path / sub), dtype=param.dtype, device=param.device)
         try:

@@ -145,9 +145,11 @@ def load_adapter(model: nn.Module, folder: str | Path) -> None:
     """save_adapter's tensors into the model's adapters (and score head), as a resumed run starts; a one-line
     ValueError naming the file if it is unreadable or made for other adapters."""
     file = Path(folder) / "adapter_model.safetensors"
+    if not file.exists():
+        raise ValueError(f"{folder}: holds no adapter (adapter_model.safetensors): a run without use_peft saved it")
     try:
         tensors = load_file(str(file))
-    except Exception as e:  # missing or truncated
+    except Exception as e:  # truncated, not safetensors
         raise ValueError(f"{file}: cannot read the adapter ({str(e).strip() or type(e).__name__})") from None
     params = adapter_parameters(model)
     if tensors.keys() != params.keys() or any(tensors[k].shape != p.shape for k, p in params.items()):

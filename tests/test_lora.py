@@ -327,3 +327,23 @@ def test_lora_reward_and_sft_runs_resume_bitwise(tmp_path, monkeypatch, trainer,
     drop = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
     assert [{k: v for k, v in m.items() if k not in drop} for m in metrics] == \
         [{k: v for k, v in m.items() if k not in drop} for m in uninterrupted]
+
+
+def test_resume_across_use_peft_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A LoRA checkpoint resumed without use_peft, a full one with it, or one with another lora_r: one line, exit 2."""
+    from minirlhf import sft
+    monkeypatch.chdir(ROOT)
+    common = ["--model_name_or_path", "configs/toytask/model", "--dataset_name", "configs/toytask/sft", "--max_steps",
+              "1", "--per_device_train_batch_size", "8", "--gradient_checkpointing", "false"]
+    lora = ["--use_peft", "true", "--lora_r", "4"]
+    sft.main([*common, *lora, "--output_dir", str(tmp_path / "lora")])
+    sft.main([*common, "--output_dir", str(tmp_path / "full")])
+    for name, flags, message in [("lora", [], "holds a LoRA adapter, not a model: resume it with use_peft = true"),
+                                 ("full", lora, "holds no adapter (adapter_model.safetensors)"),
+                                 ("lora", ["--use_peft", "true", "--lora_r", "2"], "does not fit this model")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            sft.main([*common, *flags, "--output_dir", str(tmp_path / name), "--resume_from_checkpoint",
+                      str(tmp_path / name / "checkpoint-1")])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
