@@ -6,16 +6,17 @@ the same PPO updates: batch 8 prompts of 16-24 tokens, 24 sampled tokens each (n
 neither). minirlhf runs twice, with bf16=false (fp32) and with bf16=true (CPU bf16 autocast); TRL runs with
 bf16=true (and use_cpu=true, which TRL needs for bf16 on CPU), which its PPOTrainer does not apply (its accelerator
 has no mixed precision): the child prints TRL's accelerator.mixed_precision, "no", so its row is fp32 compute
-whatever bf16 says.
+whatever bf16 says. A fourth run is minirlhf's fp32 loop with LoRA on the policy (TRL ModelConfig's defaults: r 16,
+alpha 32 on q_proj and v_proj; the reference is the policy with its adapters off, so no reference copy is loaded).
 
 Each run is a fresh subprocess, so that peak RSS (ru_maxrss: imports, four models, optimizer state and the largest
 temporaries) is its own; the sides alternate over the repeats, so a busy neighbour on a shared machine slows all
 alike. Reported per side (median over repeats): episodes/s over the updates after the first (warmup), generation
 tokens/s (sampling time only; TRL's `batch_generation` is timed through a wrapper), and peak RSS. Ratios are ours /
-TRL's (> 1: ours is faster or, for memory, larger).
+TRL's (> 1: ours is faster or, for memory, larger), and LoRA's / the full fp32 run's.
 
 Usage:
-    python benchmarks/bench_ppo.py --threads 1 --repeats 3   # ~2 minutes on 2 idle cores
+    python benchmarks/bench_ppo.py --threads 1 --repeats 3   # ~3 minutes on 2 idle cores
     python benchmarks/bench_ppo.py                           # torch's default threads; on a busy machine OpenMP
                                                              # threads oversubscribe the cores (measured: > 15 min)
 """
@@ -63,11 +64,12 @@ def build(folder: Path) -> None:
     (folder / "prompts.json").write_text(json.dumps(prompts))
 
 
-def run_ours(folder: Path, precision: torch.dtype | None) -> tuple[list[float], float, int]:
+def run_ours(folder: Path, precision: torch.dtype | None, lora: bool = False) -> tuple[list[float], float, int]:
     """Update wall times, sampling seconds and sampled tokens of minirlhf's loop (ppo.main's steps 1-2)."""
     from minirlhf import ppo, rollout
     from minirlhf.data import prompt_batches
     from minirlhf.hf import load_pretrained
+    from minirlhf.lora import LORA_DEFAULT, adapters_disabled, add_lora
     from minirlhf.model import CausalLM, PolicyAndValue, RewardModel
     from minirlhf.optim import AdamW, param_groups
     from minirlhf.tokenizer import Tokenizer
@@ -78,7 +80,10 @@ def run_ours(folder: Path, precision: torch.dtype | None) -> tuple[list[float], 
                          learning_rate=1e-5, max_grad_norm=0, gradient_checkpointing=False)
     args.set_runtime_sizes(1, len(prompts))
     pad = Tokenizer.from_pretrained(folder / "policy").pad_token_id
-    policy, ref_policy = (load_pretrained(CausalLM, str(folder / "policy")) for _ in range(2))
+    policy = load_pretrained(CausalLM, str(folder / "policy"))
+    ref_policy = None if lora else load_pretrained(CausalLM, str(folder / "policy"))
+    if lora:  # PPO's dropout is off, so the adapters' too
+        add_lora(policy, r=16, alpha=32, dropout=0.0, target_modules=LORA_DEFAULT)
     value_model, reward_model = (load_pretrained(RewardModel, str(folder / "reward")) for _ in range(2))
     model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
@@ -90,8 +95,9 @@ def run_ours(folder: Path, precision: torch.dtype | None) -> tuple[list[float], 
         query_responses, logprobs = rollout.sample_responses(policy, queries, args, pad, None, precision)
         sampling += time.perf_counter() - start if update > 1 else 0.0
         tokens += query_responses[:, queries.shape[1]:].numel() if update > 1 else 0
-        rollouts = rollout.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs,
-                                           args, pad, None, precision)
+        with adapters_disabled(policy):  # LoRA: the reference is the policy without its adapters (else: no-op)
+            rollouts = rollout.score_responses(ref_policy or policy, value_model, reward_model, queries,
+                                               query_responses, logprobs, args, pad, None, precision)
         batch = ppo.compute_advantages(rollouts, args, EOS)
         ppo.ppo_update(model, optimizer, batch, args, pad, ppo.minibatch_orders(args, update), precision)
         times.append(time.perf_counter() - start)
@@ -141,7 +147,8 @@ def child(side: str, folder: Path) -> None:
             times, sampling, tokens, autocast = run_trl(folder, output_dir)
         else:
             precision = torch.bfloat16 if side == "ours-bf16" else None
-            (times, sampling, tokens), autocast = run_ours(folder, precision), "bf16" if precision else "no"
+            times, sampling, tokens = run_ours(folder, precision, lora=side == "ours-lora")
+            autocast = "bf16" if precision else "no"
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"episodes_s": BATCH * len(times) / sum(times), "gen_tok_s": tokens / sampling,
                       "update_s": statistics.median(times), "peak_rss_mib": peak_mib, "autocast": autocast}))
@@ -161,7 +168,8 @@ def main() -> None:
     print(f"$ python {shlex.join(sys.argv)}")
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC | torch {torch.__version__} | {args.threads} threads | "
           f"batch {BATCH}, response_length {RESPONSE_LENGTH}, {PPO_EPOCHS} PPO epochs, {UPDATES} updates (1 warmup)")
-    sides = {"ours-fp32": "minirlhf, bf16=false", "ours-bf16": "minirlhf, bf16=true", "trl": "TRL 1.12, bf16=true"}
+    sides = {"ours-fp32": "minirlhf, bf16=false", "ours-bf16": "minirlhf, bf16=true", "trl": "TRL 1.12, bf16=true",
+             "ours-lora": "minirlhf LoRA r=16, bf16=false"}
     results = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp))
@@ -187,6 +195,8 @@ def main() -> None:
     for side in ("ours-fp32", "ours-bf16"):
         ratios = " | ".join(f"{medians[side][k] / medians['trl'][k]:.2f}x" for k, _, _ in keys)
         print(f"| {sides[side].removeprefix('minirlhf, ')} / TRL | | {ratios} |")
+    ratios = " | ".join(f"{medians['ours-lora'][k] / medians['ours-fp32'][k]:.2f}x" for k, _, _ in keys)
+    print(f"| LoRA / full, bf16=false | | {ratios} |")
 
 if __name__ == "__main__":
     main()
