@@ -154,6 +154,22 @@ def test_signal_while_loading_exits_at_once(task):
         "[minirlhf] SIGINT: exiting at once; checkpoints already written are complete"], err[-2000:]
 
 
+def test_ctrl_c_while_importing_prints_no_traceback(task):
+    """SIGINT while `python -m minirlhf.reward` is still importing torch (its libraries just mapped, long before
+    training.start): one line, exit 130, no KeyboardInterrupt traceback, nothing written."""
+    tmp_path, flags = task
+    proc = subprocess.Popen([sys.executable, "-m", "minirlhf.reward", *flags, f"--output_dir={tmp_path / 'run'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "[minirlhf] SIGINT while starting: exiting; nothing was written"], err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_ppo_nonfinite_loss_stops(task, capsys):
     """PPO with a learning rate that blows the weights up to inf: exit 1 at the first update whose losses or
     weights are nan/inf, before that update's checkpoint."""
