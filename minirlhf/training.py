@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from minirlhf.checkpoint import (
+    OtherRankFailed,
     checkpoint_dirs,
     load_checkpoint,
     load_checkpoint_weights,
@@ -268,7 +269,8 @@ def save(run: Run, step: int, models: dict[str, nn.Module], tokenizer, optimizer
 def exit_on_os_error(what: str, tmp: Path):
     """Around a save: an OS error (a full disk, a vanished mount) prints one line and exits 2, after removing the
     temporary folder `tmp`; what was saved before is intact, the saves being atomic. torch.save reports a failed
-    write as a RuntimeError raised while handling the OSError, so the OSError is looked for in the chain."""
+    write as a RuntimeError raised while handling the OSError, so the OSError is looked for in the chain. Under
+    torchrun every rank learns of a failure on any rank (checkpoint.agreed) and exits 2; the failing rank says why."""
     try:
         yield
     except (OSError, RuntimeError) as e:
@@ -276,8 +278,10 @@ def exit_on_os_error(what: str, tmp: Path):
         if not isinstance(error, OSError):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"error: output_dir: cannot save {what} in {tmp.parent} ({error.strerror or error}); what was saved "
-              "before is intact", file=sys.stderr, flush=True)
+        if not isinstance(error, OtherRankFailed):
+            print(f"error: output_dir: cannot save {what} in {tmp.parent} ({error.strerror or error}); what was "
+                  "saved before is intact", file=sys.stderr, flush=True)
+        cleanup_distributed()
         raise SystemExit(2) from None
 
 

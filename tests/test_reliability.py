@@ -259,6 +259,36 @@ def test_torchrun_ranks_agree_on_the_stop_step(task, target):
     check_loads(checkpoint)
 
 
+FULL_DISK_ON_RANK_1 = """import errno, os, sys, torch
+from minirlhf import reward
+if os.environ["RANK"] == "1":  # rank 1 writes only its random state: its disk is full
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    torch.save = full_disk
+reward.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_full_disk_on_rank_1_stops_every_rank(task):
+    """A full disk on rank 1 only, at the first checkpoint: both ranks agree on it (one all-reduced flag in place
+    of each barrier) and exit 2 at once, with one line from rank 1; rank 0 does not wait for it at a barrier (nor
+    time out in one with a traceback), and no checkpoint or temporary folder is left."""
+    tmp_path, flags = task
+    (tmp_path / "launch.py").write_text(FULL_DISK_ON_RANK_1)
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "launch.py"), *flags, "--max_steps=4", "--save_steps=2",
+                           f"--output_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=120)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
+    assert "cannot save checkpoint-2" in ours[0] and "No space left on device" in ours[0], ours
+    # no traceback through our code on rank 0 (its barrier or save failing as rank 1 left)
+    assert "minirlhf/" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - began < 30  # torchrun's grace before it kills workers: nobody waited for it
+    assert not [p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name]
+
+
 # ---- kill -9
 
 
