@@ -118,3 +118,13 @@ def test_hub_repo_without_safetensors_is_no_new_model(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ValueError, match="no weights"):
         load_pretrained(CausalLM, "tiny-org/pickled", new_model="model_name_or_path")
+
+
+@pytest.mark.parametrize("name", ["{ws}/sft*.jsonl", "$WS/sft.jsonl"])
+def test_paths_are_files_not_patterns(capsys, ws, monkeypatch, name):
+    """A path in a config is opened as written: no glob, no $VARIABLE (each would find ws/sft.jsonl here)."""
+    monkeypatch.setenv("WS", str(ws))
+    name = name.format(ws=ws)
+    flags = [f for f in FLAGS["sft"](ws) if not f.startswith("--dataset_name=")] + [f"--dataset_name={name}"]
+    line = fails(capsys, ws, "sft", flags=flags)
+    assert name in line and "no such file" in line, line
