@@ -5,7 +5,7 @@ import sys
 
 
 def _interrupted_while_starting(signum, frame) -> None:
-    print("[minirlhf] SIGINT while starting: exiting; nothing was written", file=sys.stderr, flush=True)
+    print("[minirlhf] SIGINT while starting: exiting at once", file=sys.stderr, flush=True)
     os._exit(130)
 
 

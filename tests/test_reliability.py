@@ -166,7 +166,7 @@ def test_ctrl_c_while_importing_prints_no_traceback(task):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines() == [
-        "[minirlhf] SIGINT while starting: exiting; nothing was written"], err[-2000:]
+        "[minirlhf] SIGINT while starting: exiting at once"], err[-2000:]
     assert not (tmp_path / "run").exists()
 
 
