@@ -14,6 +14,7 @@ save_total_limit counts only this run's checkpoints. This is not the same thing 
 keeps them apart too): the export is only the model folder.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -121,41 +122,63 @@ def save_checkpoint(output_dir, step: int, models: dict, tokenizer, optimizer, s
                     rank: int = 0, save_total_limit: int | None = None) -> None:
     """Write checkpoint-<step> atomically. `models` maps a subfolder ("" = the checkpoint itself) to a model.
 
-    Every rank calls this (each saves its own RNG state); rank 0 writes the rest and renames the folder.
+    Every rank calls this (each saves its own RNG state); rank 0 writes the rest and renames the folder. An OSError
+    on any rank (a full disk) is raised on every rank (`agreed`), with nothing renamed into place.
     """
     output_dir = Path(output_dir)
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
-    distributed = dist.is_initialized()
-    if rank == 0:
-        for stale in [*output_dir.glob(".tmp-checkpoint-*"), *output_dir.glob(".deleting-checkpoint-*")]:
-            shutil.rmtree(stale, ignore_errors=True)  # what a crash (kill -9) mid-save or mid-deletion left
-        tmp.mkdir(parents=True)
-    if distributed:
-        dist.barrier()
-    torch.save(rng_state(), tmp / f"rng_state_{rank}.pth")
+    with agreed():
+        if rank == 0:
+            for stale in [*output_dir.glob(".tmp-checkpoint-*"), *output_dir.glob(".deleting-checkpoint-*")]:
+                shutil.rmtree(stale, ignore_errors=True)  # what a crash (kill -9) mid-save or mid-deletion left
+            tmp.mkdir(parents=True)
+    with agreed(), open(tmp / f"rng_state_{rank}.pth", "wb") as f:  # a file object: a failed write is an OSError
+        torch.save(rng_state(), f)
     weights = {sub: full_model_state(model) for sub, model in models.items()}  # collectives when FSDP-sharded
     optimizer_state = full_optimizer_state(optimizer)
-    if rank == 0:
-        for sub, model in models.items():
-            save_weights(model, tmp / sub, weights[sub])
-        tokenizer.save_pretrained(str(tmp))
-        with open(tmp / "optimizer.pt", "wb") as f:  # via a file object a failed write (full disk) shows its OSError
-            torch.save(optimizer_state, f)
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        (tmp / "config.toml").write_text(config_toml)
-    if distributed:
-        dist.barrier()
-    if rank == 0:
-        fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a stop signal) replaces the old copy
-            remove_tree(final)
-        os.replace(tmp, final)
-        fsync(output_dir)  # the rename itself
-        if save_total_limit:  # only this run's: another run's checkpoints are not ours to delete
-            for old in checkpoint_dirs(output_dir, state.get("run_id"))[:-save_total_limit]:
-                remove_tree(old)
-    if distributed:
-        dist.barrier()
+    with agreed():
+        if rank == 0:
+            for sub, model in models.items():
+                save_weights(model, tmp / sub, weights[sub])
+            tokenizer.save_pretrained(str(tmp))
+            with open(tmp / "optimizer.pt", "wb") as f:  # a file object: a full disk shows its OSError
+                torch.save(optimizer_state, f)
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            (tmp / "config.toml").write_text(config_toml)
+    with agreed():
+        if rank == 0:
+            fsync_tree(tmp)
+            if final.exists():  # re-saving the same step (e.g. after a stop signal) replaces the old copy
+                remove_tree(final)
+            os.replace(tmp, final)
+            fsync(output_dir)  # the rename itself
+            if save_total_limit:  # only this run's: another run's checkpoints are not ours to delete
+                for old in checkpoint_dirs(output_dir, state.get("run_id"))[:-save_total_limit]:
+                    remove_tree(old)
+
+
+class OtherRankFailed(OSError):
+    """Raised on the ranks whose own part of a save succeeded while another rank's failed (that rank says why)."""
+
+
+@contextlib.contextmanager
+def agreed():
+    """One rank's part of a save, then, in place of a barrier, one all-reduced flag: did any rank's writes fail? If
+    so every rank raises (its own OSError, or OtherRankFailed), so that a full disk on one rank stops them all at
+    this point instead of leaving the others waiting forever at the next collective. In one process: the body."""
+    failure = None
+    try:
+        yield
+    except OSError as e:
+        failure = e
+    if dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        failed = torch.tensor(float(failure is not None), device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and failure is None:
+            failure = OtherRankFailed("another rank could not write its part")
+    if failure is not None:
+        raise failure
 
 
 def save_weights(model, folder: Path, state_dict: dict) -> None:

@@ -248,10 +248,11 @@ def parse_config(cls: type[C], argv: list[str]) -> C:
     values, where = {}, {}
 
     def set_value(key: str, value, source: str, cli: bool) -> None:
-        if key in cls.trl_defaults_only:
-            default = cls.trl_defaults_only[key]
+        if key in cls.trl_defaults_only or key == "trust_remote_code":  # every trainer: TRL scripts' ModelConfig key
+            default = cls.trl_defaults_only.get(key, False)
             if str(value).lower() != str(default).lower():
-                raise ConfigError(f"{source}: {key}: not implemented in minirlhf; only TRL's default "
+                why = " (it never runs code from a model folder or the Hub)" if key == "trust_remote_code" else ""
+                raise ConfigError(f"{source}: {key}: not implemented in minirlhf{why}; only TRL's default "
                                   f"{_show(default)} is accepted, got {value!r}", key)
             return
         if key not in fields:

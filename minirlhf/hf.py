@@ -251,10 +251,12 @@ def parse_dtype(dtype, hf: dict) -> torch.dtype:
 def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=None, new_model: str | None = None):
     """Build `cls` (CausalLM or RewardModel) from a Hugging Face folder or Hub id; see the module docstring.
 
-    A folder with a config.json and no weight file at all is initialised randomly only when `new_model` names the
-    key that asked for a new model (the starting model_name_or_path of reward or SFT training, e.g. the toy task's
-    model/); anywhere else (PPO's models, a checkpoint) it is an error: a half-written or wrongly copied folder must
-    not train, or score, as a random model."""
+    A local folder with a config.json and no weight file at all is initialised randomly only when `new_model` names
+    the key that asked for a new model (the starting model_name_or_path of reward or SFT training, e.g. the toy task's
+    model/); anywhere else (PPO's models, a checkpoint, a Hub repo) it is an error: a half-written or wrongly copied
+    folder must not train, or score, as a random model. Weights are read from safetensors only: a folder holding
+    pickled ones (pytorch_model.bin, *.pt) is refused, unopened. Code beside the weights (`auto_map`, modeling_*.py)
+    is never imported: the architecture comes from model_type alone, as transformers does without trust_remote_code."""
     folder = local_or_hub(name_or_path, ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"], revision)
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder}: no config.json, so this is not a Hugging Face model folder")
@@ -265,7 +267,13 @@ def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=No
     if cls is RewardModel:
         # A trained head fixes num_labels; a causal LM loaded as a reward model gets one output, as TRL forces.
         cfg = replace(cfg, num_labels=tensors["score.weight"].shape[0] if "score.weight" in tensors else 1)
-    if not tensors and new_model is None:
+    weights = r"(pytorch_model|model|consolidated)[-.\w]*\.(bin|pt|pth|ckpt)(\.index\.json)?"  # not optimizer.pt
+    pickled = sorted(p.name for p in folder.iterdir() if re.fullmatch(weights, p.name))
+    if not tensors and pickled:  # never unpickled: loading a pickle can run any code it names
+        raise ValueError(f"{folder}: weights only in {pickled[0]}, a pickle; minirlhf reads safetensors only (convert "
+                         "with transformers: from_pretrained, then save_pretrained(safe_serialization=True))")
+    from_hub = not Path(name_or_path).expanduser().exists()  # a Hub repo without safetensors is no new model
+    if not tensors and (new_model is None or from_hub):
         raise ValueError(f"{folder}: config.json but no weights (no *.safetensors file); point to a trained model "
                          "folder (a half-written save? a missing file?)")
     if not tensors:

@@ -24,7 +24,9 @@ def load(args, run) -> tuple:
     reward_model or None, reward_tokenizer: None where the reward model reads policy ids, conversations: prompt ids
     -> messages)."""
     require(args.dataset_name is not None, "dataset_name", "is required (a prompt file or folder, or a Hub id)")
-    tokenizer = Tokenizer.from_pretrained(args.model_name_or_path or args.sft_model_path, revision=args.model_revision)
+    # model_revision pins model_name_or_path alone (TRL's ModelConfig): sft_model_path's tokenizer matches its weights
+    revision = args.model_revision if args.model_name_or_path else None
+    tokenizer = Tokenizer.from_pretrained(args.model_name_or_path or args.sft_model_path, revision=revision)
     reward_tokenizer = reward_tokenizer_if_different(args, tokenizer)  # before the policy's [PAD] is added
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         # TRL's example always adds "[PAD]" without resizing the embeddings (pads read id 0 in every forward);

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from minirlhf.checkpoint import (
+    OtherRankFailed,
     checkpoint_dirs,
     load_checkpoint,
     load_checkpoint_weights,
@@ -136,7 +137,8 @@ def check_output_dir(args: TrainingConfig, run_id: str | None) -> None:
     (resume_from_checkpoint = true would then pick the other run's)."""
     output_dir = Path(args.output_dir)
     others = [p.name for p in checkpoint_dirs(output_dir) if read_state(p).get("run_id", "") != run_id]
-    final = [p.name for p in output_dir.glob("model*.safetensors*")] if run_id is None else []
+    finals = ("model*.safetensors*", "adapter_model.safetensors")  # a full model's, or a LoRA run's adapter
+    final = [p.name for pattern in finals for p in output_dir.glob(pattern)] if run_id is None else []
     if (others or final) and not args.overwrite_output_dir:
         found = ", ".join([*others[-2:], *final[:1]])
         raise ValueError(f"output_dir: {output_dir} holds another run ({found}); resume it with "
@@ -268,7 +270,8 @@ def save(run: Run, step: int, models: dict[str, nn.Module], tokenizer, optimizer
 def exit_on_os_error(what: str, tmp: Path):
     """Around a save: an OS error (a full disk, a vanished mount) prints one line and exits 2, after removing the
     temporary folder `tmp`; what was saved before is intact, the saves being atomic. torch.save reports a failed
-    write as a RuntimeError raised while handling the OSError, so the OSError is looked for in the chain."""
+    write as a RuntimeError raised while handling the OSError, so the OSError is looked for in the chain. Under
+    torchrun every rank learns of a failure on any rank (checkpoint.agreed) and exits 2; the failing rank says why."""
     try:
         yield
     except (OSError, RuntimeError) as e:
@@ -276,8 +279,10 @@ def exit_on_os_error(what: str, tmp: Path):
         if not isinstance(error, OSError):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"error: output_dir: cannot save {what} in {tmp.parent} ({error.strerror or error}); what was saved "
-              "before is intact", file=sys.stderr, flush=True)
+        if not isinstance(error, OtherRankFailed):
+            print(f"error: output_dir: cannot save {what} in {tmp.parent} ({error.strerror or error}); what was "
+                  "saved before is intact", file=sys.stderr, flush=True)
+        cleanup_distributed()
         raise SystemExit(2) from None
 
 

@@ -154,6 +154,22 @@ def test_signal_while_loading_exits_at_once(task):
         "[minirlhf] SIGINT: exiting at once; checkpoints already written are complete"], err[-2000:]
 
 
+def test_ctrl_c_while_importing_prints_no_traceback(task):
+    """SIGINT while `python -m minirlhf.reward` is still importing torch (its libraries just mapped, long before
+    training.start): one line, exit 130, no KeyboardInterrupt traceback, nothing written."""
+    tmp_path, flags = task
+    proc = subprocess.Popen([sys.executable, "-m", "minirlhf.reward", *flags, f"--output_dir={tmp_path / 'run'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "[minirlhf] SIGINT while starting: exiting at once"], err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_ppo_nonfinite_loss_stops(task, capsys):
     """PPO with a learning rate that blows the weights up to inf: exit 1 at the first update whose losses or
     weights are nan/inf, before that update's checkpoint."""
@@ -241,6 +257,36 @@ def test_torchrun_ranks_agree_on_the_stop_step(task, target):
     (checkpoint,) = checkpoint_dirs(tmp_path / "run")
     assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     check_loads(checkpoint)
+
+
+FULL_DISK_ON_RANK_1 = """import errno, os, sys, torch
+from minirlhf import reward
+if os.environ["RANK"] == "1":  # rank 1 writes only its random state: its disk is full
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    torch.save = full_disk
+reward.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_full_disk_on_rank_1_stops_every_rank(task):
+    """A full disk on rank 1 only, at the first checkpoint: both ranks agree on it (one all-reduced flag in place
+    of each barrier) and exit 2 at once, with one line from rank 1; rank 0 does not wait for it at a barrier (nor
+    time out in one with a traceback), and no checkpoint or temporary folder is left."""
+    tmp_path, flags = task
+    (tmp_path / "launch.py").write_text(FULL_DISK_ON_RANK_1)
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "launch.py"), *flags, "--max_steps=4", "--save_steps=2",
+                           f"--output_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=120)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
+    assert "cannot save checkpoint-2" in ours[0] and "No space left on device" in ours[0], ours
+    # no traceback through our code on rank 0 (its barrier or save failing as rank 1 left)
+    assert "minirlhf/" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - began < 30  # torchrun's grace before it kills workers: nobody waited for it
+    assert not [p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name]
 
 
 # ---- kill -9
@@ -426,3 +472,15 @@ def test_soak_2000_steps_flat_memory(tmp_path):
     assert rss[2000] < 1.05 * rss[400], rss
     assert [p.name for p in checkpoint_dirs(out)] == ["checkpoint-1950", "checkpoint-2000"]
     assert (out / "model.safetensors").exists() and not list(out.glob(".*"))
+
+
+@pytest.mark.parametrize("final", ["model.safetensors", "adapter_model.safetensors"])
+def test_a_finished_run_is_found_whatever_it_saved(tmp_path, final):
+    """A fresh run refuses an output_dir holding a finished run's final model, also a LoRA run's adapter."""
+    from minirlhf.sft import SFTConfig
+    from minirlhf.training import check_output_dir
+
+    (tmp_path / final).write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"holds another run \({final}\).*overwrite_output_dir"):
+        check_output_dir(SFTConfig(output_dir=str(tmp_path)), None)
+    check_output_dir(SFTConfig(output_dir=str(tmp_path), overwrite_output_dir=True), None)
