@@ -6,7 +6,7 @@ checkpointing (TRL applies neither), temperature 0.7. Two datasets:
 - toy: prompts of 16-24 tokens, 24 sampled tokens each (no stop token, so both sides sample exactly 8 * 24 tokens
   per update); 6 updates, the first a warmup;
 - spread: a realistic length spread, prompts of 20-200 tokens and responses that end at EOS (stop_token "eos" on both
-  sides) after 1-128 tokens, mean ~40; 4 updates, the first a warmup. Padding (a batch is as wide as its longest
+  sides) after 1-128 tokens, mean ~40; 3 updates, the first a warmup. Padding (a batch is as wide as its longest
   prompt plus its longest response) is a large share of a padded forward here and a small one on the toy set, so
   what padding-free packing buys depends on this shape.
   A random-weight policy almost never samples EOS (1 in 16k), so the spread policy is edited to emit it at a set
@@ -15,9 +15,13 @@ checkpointing (TRL applies neither), temperature 0.7. Two datasets:
   column 0 is zeroed but for EOS's row, which gets the weight that puts EOS's tempered logit log(p / (1 - p)) above
   the logsumexp of the others, calibrated on random contexts at build time. With p = 3 / response_length
   responses are geometric: mean ~ response_length / 3, ~5% run to response_length without EOS.
-  The two sides draw from different random streams, so their responses end at different lengths: each side's
-  tokens are counted from its own sampled episodes, and the table reports response tokens/s and model FLOP/s
-  (useful work per second) next to episodes/s, and each side's mean response length.
+  Both sides get the same prompts in the same order (the file's: TRL's dataloader is replaced by an unshuffled one,
+  ours reads the file's batches) and seed torch's global generator with the same number before each update's
+  sampling. Both samplers then draw the same tokens (transformers' and minirlhf's torch.multinomial over the same
+  probabilities), so the sides process the same episodes, up to a rare flip where their weights differ in the last
+  bits after an update: the table shows how many of each side's episodes have TRL's lengths. Tokens are still
+  counted from each side's own episodes (mean prompt + response per side), and response tokens/s and model FLOP/s
+  (useful work per second) stand next to episodes/s.
 
 Sides: "minirlhf" (fp32, its defaults: padding_free where this minirlhf has it), "minirlhf padded"
 (padding_free=false; skipped, with a note, when PPOConfig has no such key) and TRL with bf16=true (and
@@ -66,12 +70,12 @@ from pathlib import Path
 import torch
 from common import csv, forward_flops, machine_line, matmul_peak, ratio, run_child, table
 
-BATCH, PPO_EPOCHS, TEMPERATURE = 8, 4, 0.7
+BATCH, PPO_EPOCHS, TEMPERATURE, SEED = 8, 4, 0.7, 1000
 MODEL = dict(vocab_size=16384, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
              intermediate_size=688, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None)
 EOS = 2
 DATASETS = {"toy": dict(prompt=(16, 24), response_length=24, stop=False, updates=6),
-            "spread": dict(prompt=(20, 200), response_length=128, stop=True, updates=4)}
+            "spread": dict(prompt=(20, 200), response_length=128, stop=True, updates=3)}
 SIDES = {"ours": "minirlhf", "ours-padded": "minirlhf padded", "trl": "TRL 1.12, bf16=true",
          "ours-bf16": "minirlhf, bf16=true", "ours-lora": "minirlhf LoRA r=16"}
 DEFAULT_SIDES = ["ours", "ours-padded", "trl"]
@@ -143,7 +147,7 @@ def episode_lengths(queries: torch.Tensor, query_responses: torch.Tensor, pad: i
 def run_ours(folder: Path, spec: dict, precision: torch.dtype | None, lora: bool, padded: bool) -> dict:
     """minirlhf's loop (ppo.main's steps 1-2): update wall times, sampling seconds and episodes after the first."""
     from minirlhf import ppo, rollout
-    from minirlhf.data import prompt_batches
+    from minirlhf.data import collate_prompts
     from minirlhf.hf import load_pretrained
     from minirlhf.lora import LORA_DEFAULT, adapters_disabled, add_lora
     from minirlhf.model import CausalLM, PolicyAndValue, RewardModel
@@ -166,11 +170,11 @@ def run_ours(folder: Path, spec: dict, precision: torch.dtype | None, lora: bool
     value_model, reward_model = (load_pretrained(RewardModel, str(folder / "reward")) for _ in range(2))
     model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
-    batches = prompt_batches(prompts, args.local_batch_size, pad, args.seed, 0, 1)
     times, sampling, episodes = [], 0.0, []
     for update in range(1, args.num_total_batches + 1):
         start = time.perf_counter()
-        queries = next(batches)
+        queries = collate_prompts(prompts[(update - 1) * BATCH : update * BATCH], pad)["input_ids"]  # file order
+        torch.manual_seed(SEED + update)  # TRL's side seeds the same before the same update's sampling
         query_responses, logprobs = rollout.sample_responses(policy, queries, args, pad, stop_token_id, precision)
         if update > 1:
             sampling += time.perf_counter() - start
@@ -201,6 +205,7 @@ def run_trl(folder: Path, spec: dict, output_dir: str) -> dict:
 
     def timed_batch_generation(model, queries, *args, **kwargs):
         start = time.perf_counter()
+        torch.manual_seed(SEED + len(calls) + 1)  # as ours before the same update's sampling
         query_responses, logits = original(model, queries, *args, **kwargs)
         episodes = episode_lengths(queries, query_responses, tokenizer.pad_token_id, spec["stop"])
         calls.append((start, time.perf_counter(), episodes))
@@ -219,6 +224,9 @@ def run_trl(folder: Path, spec: dict, output_dir: str) -> dict:
         reward_model=transformers.AutoModelForSequenceClassification.from_pretrained(folder / "reward"),
         value_model=transformers.AutoModelForSequenceClassification.from_pretrained(folder / "reward"),
         train_dataset=dataset, eval_dataset=dataset)
+    # prompts in file order, as on our side (TRL's own dataloader shuffles, with a different generator)
+    trainer.dataloader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, collate_fn=trainer.data_collator,
+                                                     drop_last=True)
     trainer.train()
     ends = [start for start, _, _ in calls[1:]] + [time.perf_counter()]
     times = [end - start for (start, _, _), end in zip(calls, ends, strict=True)]
@@ -267,11 +275,13 @@ def report(dataset: str, threads: int, peaks: dict, load: tuple[float, float], r
         med = {k: statistics.median(x[k] for x in ms) for k in ms[0]}
         autocast = "/".join(sorted({r["autocast"] for r in runs[side]}))
         peak = peaks["bf16" if autocast == "bf16" else "fp32"]
+        same = sum(a == b for a, b in zip(runs[side][0]["episodes"], runs["trl"][0]["episodes"], strict=True))
         versus = (["", "", ""] if side == "trl" else
                   [ratio([x[k] for x in ms], [x[k] for x in m["trl"]])
                    for k in ("episodes_s", "response_tok_s", "peak_rss_mib")])
         rows.append([SIDES[side], autocast, f"{med['episodes_s']:.2f}", f"{med['response_tok_s']:,.0f}",
-                     f"{med['mean_prompt']:.0f} + {med['mean_response']:.0f}", f"{med['gen_tok_s']:,.0f}",
+                     f"{med['mean_prompt']:.0f} + {med['mean_response']:.0f}",
+                     "" if side == "trl" else f"{same}/{len(runs['trl'][0]['episodes'])}", f"{med['gen_tok_s']:,.0f}",
                      f"{med['update_s']:.2f}", f"{med['peak_rss_mib']:,.0f}", f"{med['flop_s'] / 1e9:.1f}",
                      f"{100 * med['flop_s'] / peak:.0f}%", *versus])
     spec = DATASETS[dataset]
@@ -281,8 +291,8 @@ def report(dataset: str, threads: int, peaks: dict, load: tuple[float, float], r
              f"{BATCH} episodes; matmul peak " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
              + f"; load average {load[0]:.1f} before, {load[1]:.1f} after\n\n")
     return title + table(["side", "autocast", "episodes/s", "response tok/s", "mean prompt + response",
-                          "generation tok/s", "s/update", "peak RSS MiB", "model GFLOP/s", "of peak",
-                          "episodes/s vs TRL", "response tok/s vs TRL", "peak RSS vs TRL"], rows, left=2)
+                          "lengths as TRL's", "generation tok/s", "s/update", "peak RSS MiB", "model GFLOP/s",
+                          "of peak", "episodes/s vs TRL", "response tok/s vs TRL", "peak RSS vs TRL"], rows, left=2)
 
 
 def main() -> None:
