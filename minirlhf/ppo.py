@@ -46,6 +46,7 @@ from minirlhf.lora import adapters_disabled, check_lora, merged, save_adapter
 from minirlhf.losses import INVALID_LOGPROB, entropy_from_logits, logprobs_from_logits, ppo_value_loss
 from minirlhf.model import PolicyAndValue, gather_index, model_inputs
 from minirlhf.optim import set_lr, steps_from
+from minirlhf.packing import rollout_packing
 from minirlhf.parallel import gradient_sync
 from minirlhf.rlsetup import load
 from minirlhf.rollout import (
@@ -98,6 +99,8 @@ class PPOConfig(TrainingConfig):
     """passes of PPO optimisation over each batch of rollouts"""
     local_rollout_forward_batch_size: int = 64
     """sequences per rank per no-grad forward (generation, reference, value and reward)"""
+    padding_free: bool = True
+    """minirlhf: forwards of query + response skip left pads and pads after the stop (packing.py); same results"""
     response_length: int = 53
     """new tokens sampled per prompt (max_new_tokens)"""
     temperature: float = 0.7
@@ -361,6 +364,8 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     keys = ["responses", "query_responses", "advantages", "logprobs", "ref_logprobs", "padding_mask",
             *(["returns", "values", "padding_mask_p1"] if critic else [])]
     stats = {key: torch.zeros(stats_shape, device=device) for key in STATS if critic or not key.startswith("vf_")}
+    inner = getattr(model, "module", model)  # DDP wraps the PolicyAndValue
+    models = (inner.policy, inner.value_model)
     for ppo_epoch_idx, b_inds in enumerate(minibatch_orders):
         for minibatch_idx, mini_batch_start in enumerate(range(0, args.local_batch_size, args.local_mini_batch_size)):
             mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + args.local_mini_batch_size]
@@ -369,6 +374,8 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                 micro_batch_inds = mini_batch_inds[micro_batch_start:micro_batch_end]
                 mb = {key: batch[key][micro_batch_inds] for key in keys}
                 mb_responses, mb_query_responses = mb["responses"], mb["query_responses"]
+                packing = rollout_packing(mb_query_responses, pad_token_id, context_length, *models) if (
+                    args.padding_free) else None
 
                 # DDP/FSDP average gradients over ranks once per minibatch, on its last micro-batch
                 last = gradient_accumulation_idx == len(micro_starts) - 1
@@ -376,7 +383,7 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                     with autocast(device, precision):
                         # logits only where a response token is predicted (TRL projects every position)
                         output, vpred_temp = model(*model_inputs(mb_query_responses, pad_token_id),
-                                                   logits_to_keep=responses.shape[1] + 1)
+                                                   logits_to_keep=responses.shape[1] + 1, packing=packing)
                     logits = output[:, :-1].float() / (args.temperature + 1e-7)  # (b, T, V)
                     new_logprobs = logprobs_from_logits(logits, gather_index(mb_responses, pad_token_id))
                     new_logprobs = new_logprobs.masked_fill(mb["padding_mask"], INVALID_LOGPROB)
