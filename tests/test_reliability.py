@@ -181,9 +181,45 @@ def test_ppo_nonfinite_loss_stops(task, capsys):
         ppo.main([*flags, "--learning_rate=1e37", "--save_steps=1", f"--output_dir={tmp_path / 'run'}"])
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and line.startswith("error: step ") and "weights = " in line, line
-    assert "on_nonfinite" not in line  # PPO refuses "skip": not offered
+    assert "on_nonfinite" not in line  # the weights blew up in steps already taken: "skip" cannot help, not offered
     bad = int(line.split()[2].rstrip(":"))
     assert [int(p.name.split("-")[1]) for p in checkpoint_dirs(tmp_path / "run")] == list(range(1, bad))
+
+
+REWARD_CALLS = []
+
+
+def nan_at_update_2(prompts: list[str], completions: list[str]) -> list[float]:
+    """A PPO reward function: nan for the second update's rollouts, whose losses and gradients are then nan in every
+    minibatch, 0 for the others."""
+    REWARD_CALLS.append(len(prompts))
+    return [float("nan") if len(REWARD_CALLS) == 2 else 0.0] * len(prompts)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])  # clip_grad_norm_'s norm, or that of unclipped gradients
+def test_ppo_nonfinite_loss_skip_drops_the_step(task, capsys, max_grad_norm):
+    """PPO with on_nonfinite = "skip": update 2's optimizer step is not taken (the policy, the value model and
+    AdamW's moments and step counts in checkpoint-2 are those of checkpoint-1), it is counted in skipped_steps from
+    then on (in trainer_state.json too, for a resumed run), and training goes on."""
+    from minirlhf import ppo
+
+    tmp_path, _ = task
+    REWARD_CALLS.clear()
+    out = tmp_path / "run"
+    ppo.main([*sft_and_ppo_flags(tmp_path)["ppo"], "--total_episodes=16", "--save_strategy=steps", "--save_steps=1",
+              "--on_nonfinite=skip", f"--max_grad_norm={max_grad_norm}",
+              "--reward_funcs=test_reliability:nan_at_update_2", f"--output_dir={out}"])
+    assert "step 2 (PPO epoch 1, minibatch 1): pg_loss = nan" in capsys.readouterr().out
+    assert [m.get("skipped_steps") for m in read_metrics(out)] == [None, 1, 1, 1]
+    assert read_state(out / "checkpoint-4")["skipped_steps"] == 1
+    for sub in ("", "value_model"):
+        assert_same_weights(out / "checkpoint-2" / sub, out / "checkpoint-1" / sub)
+    before, after = (torch.load(out / f"checkpoint-{i}" / "optimizer.pt", weights_only=True)["state"] for i in (1, 2))
+    torch.testing.assert_close(after, before, rtol=0, atol=0)  # every moment and step count, exactly
+    trained = load_file(out / "checkpoint-3" / "model.safetensors")
+    skipped = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(trained[k], skipped[k]) for k in skipped)  # update 3 steps again
+    assert all(torch.isfinite(t).all() for t in trained.values())
 
 
 def test_missing_rng_state_is_said(task, capsys):
