@@ -325,6 +325,52 @@ def test_torchrun_full_disk_on_rank_1_stops_every_rank(task):
     assert not [p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name]
 
 
+# Rank 0's disk fills up while it writes the final model's weights (after a part of the file); each rank records
+# how its run ended, since torchrun reports only the first failure.
+FULL_DISK_IN_FINAL_SAVE_ON_RANK_0 = """import errno, os, sys
+from pathlib import Path
+from minirlhf import hf, reward
+rank = os.environ["RANK"]
+if rank == "0":
+    def full_disk(tensors, path):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    hf.write_safetensors = full_disk
+code = 0
+try:
+    reward.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+    raise
+finally:
+    (Path(__file__).parent / f"exit-{rank}").write_text(str(code))
+"""
+
+
+def test_torchrun_full_disk_in_final_save_on_rank_0_fails_every_rank(task):
+    """A full disk on rank 0 while it alone writes the final model: every rank learns of it (one all-reduced flag)
+    and exits 2, not only rank 0 with the others finishing 0; one line from rank 0, no traceback, no temporary
+    folder left, and the model that was in output_dir before is intact."""
+    tmp_path, flags = task
+    out = tmp_path / "run"
+    shutil.copytree(tmp_path / "model", out)  # a previous final model, which the failed save must leave whole
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "launch.py").write_text(FULL_DISK_IN_FINAL_SAVE_ON_RANK_0)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "launch.py"), *flags, "--max_steps=2", "--save_strategy=no",
+                           "--overwrite_output_dir=true", f"--output_dir={out}"], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=120)
+    assert {p.name: p.read_text() for p in tmp_path.glob("exit-*")} == {"exit-0": "2", "exit-1": "2"}, \
+        proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
+    assert f"cannot save the final model in {out}" in ours[0] and "No space left on device" in ours[0], ours
+    # no traceback through our code (torchrun prints its own when a worker fails), no rank claiming success
+    assert "minirlhf/" not in proc.stderr and "saved the final model" not in proc.stdout, proc.stderr[-3000:]
+    assert not list(out.glob(".tmp-*"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
+
+
 # ---- kill -9
 
 
