@@ -200,18 +200,20 @@ def nan_at_update_2(prompts: list[str], completions: list[str]) -> list[float]:
 def test_ppo_nonfinite_loss_skip_drops_the_step(task, capsys, max_grad_norm):
     """PPO with on_nonfinite = "skip": update 2's optimizer step is not taken (the policy, the value model and
     AdamW's moments and step counts in checkpoint-2 are those of checkpoint-1), it is counted in skipped_steps from
-    then on (in trainer_state.json too, for a resumed run), and training goes on."""
+    then on, also by a run resumed after it, and training goes on."""
     from minirlhf import ppo
 
     tmp_path, _ = task
     REWARD_CALLS.clear()
     out = tmp_path / "run"
-    ppo.main([*sft_and_ppo_flags(tmp_path)["ppo"], "--total_episodes=16", "--save_strategy=steps", "--save_steps=1",
-              "--on_nonfinite=skip", f"--max_grad_norm={max_grad_norm}",
-              "--reward_funcs=test_reliability:nan_at_update_2", f"--output_dir={out}"])
+    flags = [*sft_and_ppo_flags(tmp_path)["ppo"], "--total_episodes=16", "--save_strategy=steps", "--save_steps=1",
+             "--on_nonfinite=skip", f"--max_grad_norm={max_grad_norm}",
+             "--reward_funcs=test_reliability:nan_at_update_2"]
+    ppo.main([*flags, f"--output_dir={out}"])
     assert "step 2 (PPO epoch 1, minibatch 1): pg_loss = nan" in capsys.readouterr().out
     assert [m.get("skipped_steps") for m in read_metrics(out)] == [None, 1, 1, 1]
-    assert read_state(out / "checkpoint-4")["skipped_steps"] == 1
+    ppo.main([*flags, f"--output_dir={out}", f"--resume_from_checkpoint={out / 'checkpoint-3'}"])  # update 4 again
+    assert [m.get("skipped_steps") for m in read_metrics(out)] == [None, 1, 1, 1]
     for sub in ("", "value_model"):
         assert_same_weights(out / "checkpoint-2" / sub, out / "checkpoint-1" / sub)
     before, after = (torch.load(out / f"checkpoint-{i}" / "optimizer.pt", weights_only=True)["state"] for i in (1, 2))
@@ -220,6 +222,24 @@ def test_ppo_nonfinite_loss_skip_drops_the_step(task, capsys, max_grad_norm):
     skipped = load_file(out / "checkpoint-2" / "model.safetensors")
     assert any(not torch.equal(trained[k], skipped[k]) for k in skipped)  # update 3 steps again
     assert all(torch.isfinite(t).all() for t in trained.values())
+
+
+def test_ppo_nonfinite_loss_stops_before_its_step(task, capsys):
+    """PPO with on_nonfinite = "stop" and update 2's rollouts scored nan: exit 1 before its first optimizer step, one
+    line naming the update, the minibatch and the quantities, suggesting "skip"; checkpoint-1 is the last."""
+    from minirlhf import ppo
+
+    tmp_path, _ = task
+    REWARD_CALLS.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.main([*sft_and_ppo_flags(tmp_path)["ppo"], "--total_episodes=16", "--save_strategy=steps",
+                  "--save_steps=1", "--reward_funcs=test_reliability:nan_at_update_2",
+                  f"--output_dir={tmp_path / 'run'}"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1, line
+    assert line.startswith("error: step 2 (PPO epoch 1, minibatch 1): pg_loss = nan"), line
+    assert "last checkpoint: " in line and line.endswith('or set on_nonfinite = "skip"'), line
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["checkpoint-1"]
 
 
 def test_missing_rng_state_is_said(task, capsys):
@@ -347,6 +367,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_torchrun_full_disk_in_final_save_on_rank_0_fails_every_rank(task):
     """A full disk on rank 0 while it alone writes the final model: every rank learns of it (one all-reduced flag)
     and exits 2, not only rank 0 with the others finishing 0; one line from rank 0, no traceback, no temporary
