@@ -7,8 +7,8 @@ models and data -> `prepare` (resume the weights, shard or wrap, AdamW, resume i
 
 What keeps a run's work safe (README, "Reliability"): an output_dir holding another run is resumed or refused,
 never silently mixed with (`check_output_dir`); SIGTERM/SIGINT end the run at a step boundary with a checkpoint
-(`StopSignal`); a non-finite loss or gradient norm stops the run before anything of it is saved, or skips the update
-(`optimizer_step`, `check_finite`).
+(`StopSignal`); a non-finite loss or gradient norm stops the run before anything of it is saved, or skips that
+optimizer step (`optimizer_step`, `check_finite`; PPO: `ppo_update`); a failed save exits 2 on every rank.
 """
 
 import contextlib
