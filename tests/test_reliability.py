@@ -352,10 +352,10 @@ from pathlib import Path
 from minirlhf import hf, reward
 rank = os.environ["RANK"]
 if rank == "0":
-    def full_disk(tensors, path):
+    def full_disk(tensors, path, metadata):
         Path(path).write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    hf.write_safetensors = full_disk
+    hf.save_file = full_disk
 code = 0
 try:
     reward.main(sys.argv[1:])
@@ -385,7 +385,8 @@ def test_torchrun_full_disk_in_final_save_on_rank_0_fails_every_rank(task):
         proc.stderr[-3000:]
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
-    assert f"cannot save the final model in {out}" in ours[0] and "No space left on device" in ours[0], ours
+    assert f"cannot save the final model in {out} ({out / '.tmp-save' / 'model.safetensors'}: " in ours[0], ours
+    assert "No space left on device" in ours[0], ours
     # no traceback through our code (torchrun prints its own when a worker fails), no rank claiming success
     assert "minirlhf/" not in proc.stderr and "saved the final model" not in proc.stdout, proc.stderr[-3000:]
     assert not list(out.glob(".tmp-*"))
