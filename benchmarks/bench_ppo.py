@@ -1,71 +1,147 @@
 """PPO benchmark: minirlhf.ppo vs TRL 1.12's PPOTrainer on CPU, the same ~12M-parameter Llama models.
 
 Both sides load the same random policy and reward/value model (saved once by transformers, no downloads) and run
-the same PPO updates: batch 8 prompts of 16-24 tokens, 24 sampled tokens each (no stop token, so both sample exactly
-8 * 24 tokens per update), 4 PPO epochs of one minibatch, no gradient clipping or checkpointing (TRL applies
-neither). minirlhf runs twice, with bf16=false (fp32) and with bf16=true (CPU bf16 autocast); TRL runs with
-bf16=true (and use_cpu=true, which TRL needs for bf16 on CPU), which its PPOTrainer does not apply (its accelerator
-has no mixed precision): the child prints TRL's accelerator.mixed_precision, "no", so its row is fp32 compute
-whatever bf16 says. A fourth run is minirlhf's fp32 loop with LoRA on the policy (TRL ModelConfig's defaults: r 16,
-alpha 32 on q_proj and v_proj; the reference is the policy with its adapters off, so no reference copy is loaded).
+the same PPO updates: batch 8 prompts (left-padded), 4 PPO epochs of one minibatch, no gradient clipping or
+checkpointing (TRL applies neither), temperature 0.7. Two datasets:
+- toy: prompts of 16-24 tokens, 24 sampled tokens each (no stop token, so both sides sample exactly 8 * 24 tokens
+  per update); 6 updates, the first a warmup;
+- spread: a realistic length spread, prompts of 20-200 tokens and responses that end at EOS (stop_token "eos" on both
+  sides) after 1-128 tokens, mean ~40; 4 updates, the first a warmup. Padding (a batch is as wide as its longest
+  prompt plus its longest response) is a large share of a padded forward here and a small one on the toy set, so
+  what padding-free packing buys depends on this shape.
+  A random-weight policy almost never samples EOS (1 in 16k), so the spread policy is edited to emit it at a set
+  rate: every token embedding gets 1.0 in hidden dimension 0, far above the other entries (std 0.02), so the final
+  norm's output has a large, nearly constant component there (3.4 +- 0.1 here, whatever the context); lm_head's
+  column 0 is zeroed but for EOS's row, which gets the weight that puts EOS's tempered logit log(p / (1 - p)) above
+  the logsumexp of the others, calibrated on random contexts at build time. With p = 3 / response_length
+  responses are geometric: mean ~ response_length / 3, ~5% run to response_length without EOS.
+  The two sides draw from different random streams, so their responses end at different lengths: each side's
+  tokens are counted from its own sampled episodes, and the table reports response tokens/s and model FLOP/s
+  (useful work per second) next to episodes/s, and each side's mean response length.
+
+Sides: "minirlhf" (fp32, its defaults: padding_free where this minirlhf has it), "minirlhf padded"
+(padding_free=false; skipped, with a note, when PPOConfig has no such key) and TRL with bf16=true (and
+use_cpu=true, which TRL needs for bf16 on CPU), which its PPOTrainer does not apply (its accelerator has no mixed
+precision): the child reports TRL's accelerator.mixed_precision, "no", so TRL computes in fp32 whatever bf16 says.
+Optional sides: "minirlhf, bf16=true" (CPU bf16 autocast; side ours-bf16) and minirlhf's fp32 loop with LoRA on the
+policy (ours-lora: TRL ModelConfig's defaults, r 16, alpha 32 on q_proj and v_proj; the reference is the policy with
+its adapters off, so no reference copy is loaded).
 
 Each run is a fresh subprocess, so that peak RSS (ru_maxrss: imports, four models, optimizer state and the largest
 temporaries) is its own; the sides alternate over the repeats, so a busy neighbour on a shared machine slows all
-alike. Reported per side (median over repeats): episodes/s over the updates after the first (warmup), generation
-tokens/s (sampling time only; TRL's `batch_generation` is timed through a wrapper), and peak RSS. Ratios are ours /
-TRL's (> 1: ours is faster or, for memory, larger), and LoRA's / the full fp32 run's.
+alike. Every configuration runs at each of --threads. Reported per side, the median over repeats of: episodes/s and
+response tokens/s (tokens up to and including each stop) over the updates after the first; generation tokens/s
+(sampling time only; TRL's `batch_generation` is timed through a wrapper); seconds per update; peak RSS; model
+FLOP/s as a fraction of the dense matmul peak the parent measures at the same thread count just before the runs
+(1024^3, median of 10; fp32, and bf16 for the bf16 side). Useful FLOPs per episode of S = prompt + response real
+tokens, r of them response, with E PPO epochs, counted the same way on every side from its own episodes:
+
+    (4 + 6 E) * (2 * N * S + 2 * L * d * S * (S + 1))  +  (2 + 3 E) * 2 * V * d * r
+
+N the trunk's non-embedding parameters (layers and final norm), L layers, hidden size d, vocabulary V (the forward
+count of benchmarks/common.py). The trunks run 4 + 6 E forward-equivalents: four forwards (sampling, reference,
+value, reward) and, per epoch, forward and backward (3 forwards) of policy and value. lm_head counts only where a
+response token is predicted, in the policy and the reference: 2 + 3 E forward-equivalents. The score heads (d -> 1)
+are left out. Ratios are ours / TRL's over neighbouring runs (> 1: ours is faster or, for memory, larger), the
+median with the range in brackets.
 
 Usage:
-    python benchmarks/bench_ppo.py --threads 1 --repeats 3   # ~3 minutes on 2 idle cores
-    python benchmarks/bench_ppo.py                           # torch's default threads; on a busy machine OpenMP
-                                                             # threads oversubscribe the cores (measured: > 15 min)
+    python benchmarks/bench_ppo.py                                # toy and spread, 1 and 2 threads, 3 repeats
+    python benchmarks/bench_ppo.py --dataset toy --threads 1 --sides all
+    python benchmarks/bench_ppo.py --quick                        # 1 repeat, 1 thread, 2 updates: checks it runs
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import os
-import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from common import csv, forward_flops, machine_line, matmul_peak, ratio, run_child, table
 
-BATCH, RESPONSE_LENGTH, PPO_EPOCHS, UPDATES = 8, 24, 4, 6
+BATCH, PPO_EPOCHS, TEMPERATURE = 8, 4, 0.7
 MODEL = dict(vocab_size=16384, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-             intermediate_size=688, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+             intermediate_size=688, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None)
 EOS = 2
+DATASETS = {"toy": dict(prompt=(16, 24), response_length=24, stop=False, updates=6),
+            "spread": dict(prompt=(20, 200), response_length=128, stop=True, updates=4)}
+SIDES = {"ours": "minirlhf", "ours-padded": "minirlhf padded", "trl": "TRL 1.12, bf16=true",
+         "ours-bf16": "minirlhf, bf16=true", "ours-lora": "minirlhf LoRA r=16"}
+DEFAULT_SIDES = ["ours", "ours-padded", "trl"]
 
 
-def build(folder: Path) -> None:
-    """Random Llama policy and seq-cls reward model, a word-level tokenizer with an added [PAD], and prompts."""
+# ---------------------------------------------------------------------------------------------------------------------
+# The shared inputs, written once per dataset by the parent
+
+
+@torch.no_grad()
+def emit_stop_at_rate(policy, rate: float) -> float:
+    """Make a random-weight LlamaForCausalLM sample EOS with probability ~`rate` at every step (module docstring).
+    Returns the mean and spread of the final norm's dimension 0 on random contexts, for the report."""
+    policy.model.embed_tokens.weight[:, 0] = 1.0
+    policy.lm_head.weight[:, 0] = 0.0
+    policy.lm_head.weight[EOS] = 0.0
+    ids = torch.randint(3, MODEL["vocab_size"], (4, 200), generator=torch.Generator().manual_seed(1))
+    hidden = policy.model(ids).last_hidden_state  # (4, 200, d)
+    others = torch.logsumexp(policy.lm_head(hidden) / TEMPERATURE, -1).mean()  # EOS's logit is 0 here
+    h0 = hidden[..., 0].mean()
+    policy.lm_head.weight[EOS, 0] = (others + math.log(rate / (1 - rate))) * TEMPERATURE / h0
+    return h0.item(), hidden[..., 0].std().item()
+
+
+def build(folder: Path, dataset: str, n_prompts: int) -> dict:
+    """Random Llama policy and seq-cls reward model, a word-level tokenizer with an added [PAD], and prompts, in
+    folder/<dataset>; returns the parameter counts."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    spec, out = DATASETS[dataset], folder / dataset
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**MODEL)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder / "policy")
+    policy = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL))
+    info = {"params": policy.num_parameters(), "trunk": policy.model.num_parameters() -
+            policy.model.embed_tokens.weight.numel()}
+    if spec["stop"]:
+        info["h0"] = emit_stop_at_rate(policy, 3 / spec["response_length"])
+    policy.save_pretrained(out / "policy")
     transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**MODEL, num_labels=1)).save_pretrained(
-        folder / "reward")
+        out / "reward")
     vocab = {"<unk>": 0, "<bos>": 1, "<eos>": EOS, **{f"t{i}": i for i in range(3, MODEL["vocab_size"])}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
                                                      padding_side="left")
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    tokenizer.save_pretrained(folder / "policy")
-    lengths = torch.randint(16, 25, (BATCH * UPDATES,)).tolist()
+    tokenizer.save_pretrained(out / "policy")
+    lengths = torch.randint(spec["prompt"][0], spec["prompt"][1] + 1, (n_prompts,)).tolist()
     prompts = [torch.randint(3, MODEL["vocab_size"], (n,)).tolist() for n in lengths]
-    (folder / "prompts.json").write_text(json.dumps(prompts))
+    (out / "prompts.json").write_text(json.dumps(prompts))
+    return info
 
 
-def run_ours(folder: Path, precision: torch.dtype | None, lora: bool = False) -> tuple[list[float], float, int]:
-    """Update wall times, sampling seconds and sampled tokens of minirlhf's loop (ppo.main's steps 1-2)."""
+def episode_lengths(queries: torch.Tensor, query_responses: torch.Tensor, pad: int, stop: bool) -> list[list[int]]:
+    """[prompt tokens, response tokens] per row: the response up to and including its first EOS when stopping at EOS
+    (TRL pads finished rows with EOS, we with [PAD]), else all of it."""
+    prompt = (queries != pad).sum(1)
+    responses = query_responses[:, queries.shape[1]:]
+    is_eos = responses == EOS
+    width = torch.full_like(prompt, responses.shape[1])
+    response = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, width) if stop else width
+    return torch.stack([prompt, response], 1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The child processes: one PPO run each, printing one JSON line
+
+
+def run_ours(folder: Path, spec: dict, precision: torch.dtype | None, lora: bool, padded: bool) -> dict:
+    """minirlhf's loop (ppo.main's steps 1-2): update wall times, sampling seconds and episodes after the first."""
     from minirlhf import ppo, rollout
     from minirlhf.data import prompt_batches
     from minirlhf.hf import load_pretrained
@@ -75,9 +151,12 @@ def run_ours(folder: Path, precision: torch.dtype | None, lora: bool = False) ->
     from minirlhf.tokenizer import Tokenizer
 
     prompts = [{"input_ids": p} for p in json.loads((folder / "prompts.json").read_text())]
+    stop_token_id = EOS if spec["stop"] else None
     args = ppo.PPOConfig(per_device_train_batch_size=BATCH, local_rollout_forward_batch_size=BATCH,
-                         response_length=RESPONSE_LENGTH, num_ppo_epochs=PPO_EPOCHS, total_episodes=len(prompts),
-                         learning_rate=1e-5, max_grad_norm=0, gradient_checkpointing=False)
+                         response_length=spec["response_length"], num_ppo_epochs=PPO_EPOCHS,
+                         total_episodes=len(prompts), learning_rate=1e-5, max_grad_norm=0,
+                         gradient_checkpointing=False, temperature=TEMPERATURE,
+                         stop_token="eos" if spec["stop"] else None, **({"padding_free": False} if padded else {}))
     args.set_runtime_sizes(1, len(prompts))
     pad = Tokenizer.from_pretrained(folder / "policy").pad_token_id
     policy = load_pretrained(CausalLM, str(folder / "policy"))
@@ -88,23 +167,25 @@ def run_ours(folder: Path, precision: torch.dtype | None, lora: bool = False) ->
     model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
     batches = prompt_batches(prompts, args.local_batch_size, pad, args.seed, 0, 1)
-    times, sampling, tokens = [], 0.0, 0
+    times, sampling, episodes = [], 0.0, []
     for update in range(1, args.num_total_batches + 1):
         start = time.perf_counter()
         queries = next(batches)
-        query_responses, logprobs = rollout.sample_responses(policy, queries, args, pad, None, precision)
-        sampling += time.perf_counter() - start if update > 1 else 0.0
-        tokens += query_responses[:, queries.shape[1]:].numel() if update > 1 else 0
+        query_responses, logprobs = rollout.sample_responses(policy, queries, args, pad, stop_token_id, precision)
+        if update > 1:
+            sampling += time.perf_counter() - start
+            episodes += episode_lengths(queries, query_responses, pad, spec["stop"])
         with adapters_disabled(policy):  # LoRA: the reference is the policy without its adapters (else: no-op)
             rollouts = rollout.score_responses(ref_policy or policy, value_model, reward_model, queries,
-                                               query_responses, logprobs, args, pad, None, precision)
+                                               query_responses, logprobs, args, pad, stop_token_id, precision)
         batch = ppo.compute_advantages(rollouts, args, EOS)
         ppo.ppo_update(model, optimizer, batch, args, pad, ppo.minibatch_orders(args, update), precision)
         times.append(time.perf_counter() - start)
-    return times[1:], sampling, tokens
+    return {"update_s": times[1:], "sampling_s": sampling, "episodes": episodes,
+            "autocast": "bf16" if precision else "no"}
 
 
-def run_trl(folder: Path, output_dir: str) -> tuple[list[float], float, int, str]:
+def run_trl(folder: Path, spec: dict, output_dir: str) -> dict:
     """The same for TRL, and its accelerator's mixed precision: update boundaries and sampling time from a wrapper
     around its batch_generation."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -112,24 +193,28 @@ def run_trl(folder: Path, output_dir: str) -> tuple[list[float], float, int, str
     import transformers
     from trl.experimental.ppo import PPOConfig, PPOTrainer, ppo_trainer
 
+    transformers.logging.set_verbosity_error()
     prompts = json.loads((folder / "prompts.json").read_text())
-    calls = []  # (start, end, sampled tokens) of each update's generation
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "policy")
+    calls = []  # (start, end, episodes) of each update's generation
     original = ppo_trainer.batch_generation
 
     def timed_batch_generation(model, queries, *args, **kwargs):
         start = time.perf_counter()
         query_responses, logits = original(model, queries, *args, **kwargs)
-        calls.append((start, time.perf_counter(), query_responses[:, queries.shape[1]:].numel()))
+        episodes = episode_lengths(queries, query_responses, tokenizer.pad_token_id, spec["stop"])
+        calls.append((start, time.perf_counter(), episodes))
         return query_responses, logits
 
     ppo_trainer.batch_generation = timed_batch_generation
     args = PPOConfig(output_dir=output_dir, per_device_train_batch_size=BATCH, local_rollout_forward_batch_size=BATCH,
-                     response_length=RESPONSE_LENGTH, num_ppo_epochs=PPO_EPOCHS, total_episodes=len(prompts),
-                     learning_rate=1e-5, num_sample_generations=0, bf16=True, use_cpu=True, report_to="none",
-                     save_strategy="no", disable_tqdm=True)
+                     response_length=spec["response_length"], num_ppo_epochs=PPO_EPOCHS, total_episodes=len(prompts),
+                     learning_rate=1e-5, temperature=TEMPERATURE, stop_token="eos" if spec["stop"] else None,
+                     num_sample_generations=0, bf16=True, use_cpu=True, report_to="none", save_strategy="no",
+                     disable_tqdm=True)
     dataset = datasets.Dataset.from_dict({"input_ids": prompts})
     trainer = PPOTrainer(
-        args=args, processing_class=transformers.AutoTokenizer.from_pretrained(folder / "policy"),
+        args=args, processing_class=tokenizer,
         model=transformers.AutoModelForCausalLM.from_pretrained(folder / "policy"), ref_model=None,
         reward_model=transformers.AutoModelForSequenceClassification.from_pretrained(folder / "reward"),
         value_model=transformers.AutoModelForSequenceClassification.from_pretrained(folder / "reward"),
@@ -137,66 +222,126 @@ def run_trl(folder: Path, output_dir: str) -> tuple[list[float], float, int, str
     trainer.train()
     ends = [start for start, _, _ in calls[1:]] + [time.perf_counter()]
     times = [end - start for (start, _, _), end in zip(calls, ends, strict=True)]
-    sampling = sum(end - start for start, end, _ in calls[1:])
-    return times[1:], sampling, sum(n for _, _, n in calls[1:]), trainer.accelerator.mixed_precision
+    return {"update_s": times[1:], "sampling_s": sum(end - start for start, end, _ in calls[1:]),
+            "episodes": [e for _, _, episodes in calls[1:] for e in episodes],
+            "autocast": trainer.accelerator.mixed_precision}
 
 
-def child(side: str, folder: Path) -> None:
+def child(side: str, folder: Path, dataset: str) -> None:
+    spec = DATASETS[dataset]
     with tempfile.TemporaryDirectory() as output_dir:
         if side == "trl":
-            times, sampling, tokens, autocast = run_trl(folder, output_dir)
+            result = run_trl(folder / dataset, spec, output_dir)
         else:
-            precision = torch.bfloat16 if side == "ours-bf16" else None
-            times, sampling, tokens = run_ours(folder, precision, lora=side == "ours-lora")
-            autocast = "bf16" if precision else "no"
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"episodes_s": BATCH * len(times) / sum(times), "gen_tok_s": tokens / sampling,
-                      "update_s": statistics.median(times), "peak_rss_mib": peak_mib, "autocast": autocast}))
+            result = run_ours(folder / dataset, spec, torch.bfloat16 if side == "ours-bf16" else None,
+                              lora=side == "ours-lora", padded=side == "ours-padded")
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The parent: alternate the sides, collect medians, print one table per (dataset, threads)
+
+
+def metrics(run: dict, flops_per_episode) -> dict:
+    """One run's rates from its timed updates."""
+    seconds, responses = sum(run["update_s"]), sum(r for _, r in run["episodes"])
+    flops = sum(flops_per_episode(p, r) for p, r in run["episodes"])
+    return {"episodes_s": len(run["episodes"]) / seconds, "response_tok_s": responses / seconds,
+            "mean_response": responses / len(run["episodes"]),
+            "mean_prompt": sum(p for p, _ in run["episodes"]) / len(run["episodes"]),
+            "gen_tok_s": responses / run["sampling_s"], "update_s": statistics.median(run["update_s"]),
+            "peak_rss_mib": run["peak_rss_mib"], "flop_s": flops / seconds}
+
+
+def report(dataset: str, threads: int, peaks: dict, load: tuple[float, float], runs: dict, info: dict) -> str:
+    """The markdown table of one (dataset, threads) group, a row per side."""
+    d, L = MODEL["hidden_size"], MODEL["num_hidden_layers"]
+
+    def flops_per_episode(p: int, r: int) -> float:  # the module docstring's count
+        return ((4 + 6 * PPO_EPOCHS) * forward_flops([p + r], info["trunk"], L, d)
+                + (2 + 3 * PPO_EPOCHS) * 2 * MODEL["vocab_size"] * d * r)
+
+    m = {side: [metrics(r, flops_per_episode) for r in rs] for side, rs in runs.items()}
+    rows = []
+    for side, ms in m.items():
+        med = {k: statistics.median(x[k] for x in ms) for k in ms[0]}
+        autocast = "/".join(sorted({r["autocast"] for r in runs[side]}))
+        peak = peaks["bf16" if autocast == "bf16" else "fp32"]
+        versus = (["", "", ""] if side == "trl" else
+                  [ratio([x[k] for x in ms], [x[k] for x in m["trl"]])
+                   for k in ("episodes_s", "response_tok_s", "peak_rss_mib")])
+        rows.append([SIDES[side], autocast, f"{med['episodes_s']:.2f}", f"{med['response_tok_s']:,.0f}",
+                     f"{med['mean_prompt']:.0f} + {med['mean_response']:.0f}", f"{med['gen_tok_s']:,.0f}",
+                     f"{med['update_s']:.2f}", f"{med['peak_rss_mib']:,.0f}", f"{med['flop_s'] / 1e9:.1f}",
+                     f"{100 * med['flop_s'] / peak:.0f}%", *versus])
+    spec = DATASETS[dataset]
+    title = (f"**{dataset}, {threads} thread{'s' if threads > 1 else ''}**: prompts {spec['prompt'][0]}-"
+             f"{spec['prompt'][1]} tokens, response_length {spec['response_length']}"
+             f"{', stop at EOS' if spec['stop'] else ', no stop token'}; {spec['updates'] - 1} timed updates of "
+             f"{BATCH} episodes; matmul peak " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+             + f"; load average {load[0]:.1f} before, {load[1]:.1f} after\n\n")
+    return title + table(["side", "autocast", "episodes/s", "response tok/s", "mean prompt + response",
+                          "generation tok/s", "s/update", "peak RSS MiB", "model GFLOP/s", "of peak",
+                          "episodes/s vs TRL", "response tok/s vs TRL", "peak RSS vs TRL"], rows, left=2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--child", nargs=2, metavar=("SIDE", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true",
+                        help="1 repeat, 2 updates (1 timed), 1 thread (unless --threads): checks that it runs")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per side (default 3; quick 1)")
+    parser.add_argument("--threads", type=csv(int), default=None,
+                        help="thread counts, each run at every one (default 1,2; quick 1)")
+    parser.add_argument("--dataset", type=csv(), default=list(DATASETS), help="toy, spread or both (default)")
+    parser.add_argument("--sides", type=csv(), default=DEFAULT_SIDES,
+                        help=f"of {', '.join(SIDES)}, or all (default {','.join(DEFAULT_SIDES)})")
+    parser.add_argument("--child", nargs=3, metavar=("SIDE", "FOLDER", "DATASET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     if args.child:
-        child(args.child[0], Path(args.child[1]))
+        torch.set_num_threads(args.threads[0])
+        child(args.child[0], Path(args.child[1]), args.child[2])
         return
 
-    print(f"$ python {shlex.join(sys.argv)}")
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC | torch {torch.__version__} | {args.threads} threads | "
-          f"batch {BATCH}, response_length {RESPONSE_LENGTH}, {PPO_EPOCHS} PPO epochs, {UPDATES} updates (1 warmup)")
-    sides = {"ours-fp32": "minirlhf, bf16=false", "ours-bf16": "minirlhf, bf16=true", "trl": "TRL 1.12, bf16=true",
-             "ours-lora": "minirlhf LoRA r=16, bf16=false"}
-    results = {side: [] for side in sides}
+    threads = args.threads or ([1] if args.quick else [1, 2])
+    repeats = args.repeats or (1 if args.quick else 3)
+    if args.sides == ["all"]:
+        args.sides = list(SIDES)
+    unknown = set(args.dataset) - set(DATASETS) | set(args.sides) - set(SIDES)
+    if unknown or "trl" not in args.sides:
+        parser.error(f"unknown names {sorted(unknown)}" if unknown else "--sides needs trl (the baseline)")
+    from minirlhf.ppo import PPOConfig
+
+    sides = [s for s in SIDES if s in args.sides]
+    if "ours-padded" in sides and "padding_free" not in {f.name for f in dataclasses.fields(PPOConfig)}:
+        sides.remove("ours-padded")
+        print("note: this minirlhf's PPOConfig has no padding_free key: no 'minirlhf padded' runs", file=sys.stderr)
+    print(f"$ python {shlex.join(sys.argv)}\n{machine_line()}\n")
     with tempfile.TemporaryDirectory() as tmp:
-        build(Path(tmp))
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        for _ in range(args.repeats):
-            for side in results:
-                out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", side, tmp],
-                                     capture_output=True, text=True, env=env, check=True)
-                results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    params = sum(v for v in (MODEL["vocab_size"] * MODEL["hidden_size"] * 2,
-                             MODEL["num_hidden_layers"] * (4 * MODEL["hidden_size"] ** 2
-                                                           + 3 * MODEL["hidden_size"] * MODEL["intermediate_size"])))
-    print(f"policy ~{params / 1e6:.1f}M parameters (Llama, vocab {MODEL['vocab_size']}), fp32 weights, CPU; median of "
-          f"{args.repeats} runs per side; 'autocast' is what each run applied\n")
-    keys = [("episodes_s", "episodes/s", "{:.2f}"), ("gen_tok_s", "generation tok/s", "{:,.0f}"),
-            ("update_s", "s/update", "{:.2f}"), ("peak_rss_mib", "peak RSS MiB", "{:,.0f}")]
-    medians = {side: {k: statistics.median(r[k] for r in runs) for k, _, _ in keys} for side, runs in results.items()}
-    print("| | autocast | " + " | ".join(name for _, name, _ in keys) + " |")
-    print("|---|---|" + "---:|" * len(keys))
-    for side, label in sides.items():
-        autocast = "/".join(sorted({r["autocast"] for r in results[side]}))
-        print(f"| {label} | {autocast} | " + " | ".join(fmt.format(medians[side][k]) for k, _, fmt in keys) + " |")
-    for side in ("ours-fp32", "ours-bf16"):
-        ratios = " | ".join(f"{medians[side][k] / medians['trl'][k]:.2f}x" for k, _, _ in keys)
-        print(f"| {sides[side].removeprefix('minirlhf, ')} / TRL | | {ratios} |")
-    ratios = " | ".join(f"{medians['ours-lora'][k] / medians['ours-fp32'][k]:.2f}x" for k, _, _ in keys)
-    print(f"| LoRA / full, bf16=false | | {ratios} |")
+        folder = Path(tmp)
+        for dataset in args.dataset:
+            spec = DATASETS[dataset] = {**DATASETS[dataset], **({"updates": 2} if args.quick else {})}
+            info = build(folder, dataset, BATCH * spec["updates"])
+            note = (f"; EOS emitted at rate 3/{spec['response_length']} (final-norm dimension 0: {info['h0'][0]:.2f} "
+                    f"+- {info['h0'][1]:.2f})" if spec["stop"] else "")
+            print(f"{dataset}: Llama policy {info['params'] / 1e6:.1f}M parameters ({info['trunk'] / 1e6:.1f}M in "
+                  f"the trunk, vocab {MODEL['vocab_size']}, untied lm_head), reward and value models of the same "
+                  f"trunk; fp32 weights, CPU; median of {repeats} run(s) per side{note}\n", flush=True)
+            for n_threads in threads:
+                load_before = os.getloadavg()[0]
+                peaks = {"fp32": matmul_peak(n_threads, torch.float32),
+                         **({"bf16": matmul_peak(n_threads, torch.bfloat16)} if "ours-bf16" in sides else {})}
+                runs = {side: [] for side in sides}
+                for _ in range(repeats):
+                    for side in sides:
+                        r = run_child([__file__, "--child", side, str(folder), dataset], n_threads,
+                                      folder / "child.log")
+                        runs[side].append(r)
+                        print(f"[bench_ppo] {dataset}, {n_threads} thread(s), {SIDES[side]}: "
+                              f"{len(r['episodes']) / sum(r['update_s']):.2f} episodes/s, peak RSS "
+                              f"{r['peak_rss_mib']:,.0f} MiB", file=sys.stderr, flush=True)
+                print(report(dataset, n_threads, peaks, (load_before, os.getloadavg()[0]), runs, info) + "\n",
+                      flush=True)
+
 
 if __name__ == "__main__":
     main()
