@@ -162,8 +162,8 @@ class TrainingConfig:
     """start afresh in an output_dir that holds another run (checkpoints or a final model), deleting its checkpoints
     once the new run has loaded; false: such an output_dir is an error unless resume_from_checkpoint is set"""
     on_nonfinite: str = "stop"
-    """a step whose loss or gradient norm is nan/inf: "stop" (exit 1 before saving anything of it; the last checkpoint
-    stays as it was) or "skip" (drop that update and count it as skipped_steps in the log)"""
+    """an optimizer step (PPO: each minibatch's) whose loss or gradient norm is nan/inf: "stop" (exit 1, nothing of
+    it saved, last checkpoint intact) or "skip" (not stepped, counted in skipped_steps); PPO stops at nan/inf weights"""
 
     # ---- reproducibility and precision
     seed: int = 42

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from minirlhf.hub import local_or_hub
+from minirlhf.packing import common_prefix_length
 from minirlhf.tokenizer import Tokenizer
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -222,11 +223,13 @@ def pad(sequences: list[list[int]], padding_value: int, padding_side: str = "rig
 def collate_preference(examples: list[dict], pad_token_id: int,
                        pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """TRL's DataCollatorForPreference (trl/trainer/reward_trainer.py): the B chosen then the B rejected sequences,
-    always right-padded."""
+    always right-padded; and (minirlhf) how many leading tokens each pair's sides share, for packing.py."""
     input_ids = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
     batch = {
         "input_ids": pad(input_ids, pad_token_id, "right", pad_to_multiple_of),  # (2B, T)
         "attention_mask": pad([[1] * len(ids) for ids in input_ids], 0, "right", pad_to_multiple_of),  # (2B, T)
+        "prefix_lengths": torch.tensor([common_prefix_length(ex["chosen_ids"], ex["rejected_ids"])
+                                        for ex in examples]),  # (B,)
     }
     if "margin" in examples[0]:
         batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float32)  # (B,)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minirlhf.losses import first_true_indices
+from minirlhf.packing import Packing
 
 
 @dataclass
@@ -145,8 +146,8 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5 / ((layer_idx + 1) if cfg.attn_scale_by_layer else 1)
         self.layer_idx = layer_idx
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
-        B, T, _ = x.shape
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, packing: Packing | None = None, last: bool = False):
+        B, T, _ = x.shape  # packed: B = 1 and T = the number of distinct tokens
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -155,6 +156,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if packing is not None:  # attention sees the tokens in the padded grid, masked as the padded batch
+            q, k, v = packing.to_grid(q), packing.to_grid(k), packing.to_grid(v)
+            if last:  # the last layer: queries of the kept tokens only
+                q, k, v, mask = packing.kept_queries(q, k, v, mask)
         if cache is not None:
             start = cache.length
             cache.k[self.layer_idx][:, :, start : start + T] = k
@@ -172,7 +177,10 @@ class Attention(nn.Module):
                 scale=self.scale,
                 enable_gqa=self.num_kv_heads != self.num_heads,
             )  # (B, heads, T, head_dim)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2)
+        if packing is not None:
+            y = y.reshape(1, -1, *y.shape[2:]) if last else packing.from_grid(y)  # (1, M or N, heads, d)
+        return self.o_proj(y.flatten(2))
 
 
 class MLP(nn.Module):
@@ -207,8 +215,10 @@ class Block(nn.Module):
         self.mlp_resid_dropout = nn.Dropout(cfg.resid_dropout)
         self.parallel_residual = cfg.parallel_residual
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        a = self.attn_resid_dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache))
+    def forward(self, x, cos, sin, mask, cache=None, packing=None, last=False):
+        a = self.attn_resid_dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache, packing, last))
+        if last:  # packed, last layer: only the kept tokens go on
+            x = x[:, packing.kept]
         if self.parallel_residual:
             return x + a + self.mlp_resid_dropout(self.mlp(self.mlp_norm(x)))
         h = x + a
@@ -233,7 +243,8 @@ def attention_mask_4d(attention_mask, T: int, start: int, window: int | None) ->
 
 
 class Transformer(nn.Module):
-    """Embeddings, blocks and the final norm: input ids (B, T) -> hidden states (B, T, hidden_size)."""
+    """Embeddings, blocks and the final norm: input ids (B, T) -> hidden states (B, T, hidden_size); with a Packing
+    (packing.py), hidden states (1, M, hidden_size) of the batch's kept tokens (packing.kept)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -248,21 +259,12 @@ class Transformer(nn.Module):
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                packing: Packing | None = None):
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        x = self.embed(input_ids)
-        cos = sin = None
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(position_ids)
-        else:
-            freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, rotary_dim / 2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rotary_dim), broadcast over heads
-            cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        x = self.embd_dropout(x)
-
         masks = {}  # one 4-D mask per distinct window; None means plain causal attention
         for window in set(self.cfg.sliding_windows):
             needs_mask = attention_mask is not None and not bool(attention_mask.all())
@@ -272,12 +274,24 @@ class Transformer(nn.Module):
                 masks[window] = attention_mask_4d(key_mask, T, start, window)
             else:
                 masks[window] = None
-        for block, window in zip(self.blocks, self.cfg.sliding_windows, strict=True):
+        if packing is not None:
+            input_ids, position_ids = packing.tokens(input_ids), packing.tokens(position_ids)
+        x = self.embed(input_ids)
+        cos = sin = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+        else:
+            freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, rotary_dim / 2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rotary_dim), broadcast over heads
+            cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        x = self.embd_dropout(x)
+        for i, (block, window) in enumerate(zip(self.blocks, self.cfg.sliding_windows, strict=True)):
+            last = packing is not None and i == len(self.blocks) - 1
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Recompute the block in backward instead of storing its activations.
-                x = checkpoint(block, x, cos, sin, masks[window], use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, masks[window], None, packing, last, use_reentrant=False)
             else:
-                x = block(x, cos, sin, masks[window], cache)
+                x = block(x, cos, sin, masks[window], cache, packing, last)
         if cache is not None:
             cache.length += T
         return self.final_norm(x)
@@ -313,12 +327,16 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                logits_to_keep: int = 0):
-        """Logits of the last `logits_to_keep` positions (all when 0), as transformers' argument of that name: the
-        vocabulary projection is the largest matmul of a small model, and PPO needs it on the response only."""
-        h = self.transformer(input_ids, attention_mask, position_ids, cache)[:, -logits_to_keep:]
+                logits_to_keep: int = 0, packing: Packing | None = None):
+        """Logits (B, logits_to_keep, vocab) of the last `logits_to_keep` positions (all when 0), as transformers'
+        argument of that name: the vocabulary projection is the largest matmul of a small model, and PPO needs it on
+        the response only. With a Packing, each distinct token is projected once."""
+        h = self.transformer(input_ids, attention_mask, position_ids, cache, packing)
         weight = self.transformer.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        if packing is None:
+            return F.linear(h[:, -logits_to_keep:], weight)
+        tokens, cells = packing.kept_src[:, -logits_to_keep:].unique(return_inverse=True)
+        return F.linear(h[0, tokens], weight)[cells]
 
 
 class RewardModel(nn.Module):
@@ -334,11 +352,12 @@ class RewardModel(nn.Module):
         self.transformer = Transformer(cfg)
         self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
 
-    def token_scores(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        return self.score(self.transformer(input_ids, attention_mask, position_ids))  # (B, T, num_labels)
+    def token_scores(self, input_ids, attention_mask=None, position_ids=None, packing: Packing | None = None):
+        scores = self.score(self.transformer(input_ids, attention_mask, position_ids, packing=packing))
+        return scores if packing is None else scores[0][packing.kept_src]  # (B, T, num_labels), kept cells only
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        scores = self.token_scores(input_ids, attention_mask, position_ids)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, packing: Packing | None = None):
+        scores = self.token_scores(input_ids, attention_mask, position_ids, packing)
         return pool_last_non_pad(scores, input_ids, self.cfg.pad_token_id)  # (B, num_labels)
 
 
@@ -348,14 +367,18 @@ def pool_last_non_pad(scores: torch.Tensor, input_ids: torch.Tensor, pad_token_i
     The attention mask is deliberately not used, as in transformers: with pad == eos the trailing EOS counts as
     padding and the last text token is pooled.
     """
+    if pad_token_id is None and len(input_ids) > 1:
+        raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+    return scores[torch.arange(len(input_ids), device=input_ids.device), last_non_pad(input_ids, pad_token_id)]
+
+
+def last_non_pad(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """(B,) column of the rightmost token != pad_token_id (0 for an all-pad row; the last column without a pad id)."""
     B, T = input_ids.shape
     if pad_token_id is None:
-        if B > 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
-        return scores[:, -1]
+        return torch.full((B,), T - 1, device=input_ids.device)
     non_pad = (input_ids != pad_token_id).int()
-    last = (torch.arange(T, device=input_ids.device) * non_pad).argmax(-1)  # (B,)
-    return scores[torch.arange(B, device=input_ids.device), last]
+    return (torch.arange(T, device=input_ids.device) * non_pad).argmax(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -376,10 +399,11 @@ def gather_index(responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     return responses.masked_fill(responses == pad_token_id, 0)
 
 
-def get_reward(model: RewardModel, query_responses: torch.Tensor, pad_token_id: int, context_length: int):
+def get_reward(model: RewardModel, query_responses: torch.Tensor, pad_token_id: int, context_length: int,
+               packing: Packing | None = None):
     """Per-token scores (B, T, 1), the score (B,) at the last token before the first pad of the response part, and
     that index (B,); the prompt's left padding is ignored, an empty response is scored at its prompt's last token."""
-    reward_logits = model.token_scores(*model_inputs(query_responses, pad_token_id))  # (B, T, 1)
+    reward_logits = model.token_scores(*model_inputs(query_responses, pad_token_id), packing=packing)  # (B, T, 1)
     sequence_lengths = first_true_indices(query_responses[:, context_length:] == pad_token_id) - 1 + context_length
     rows = torch.arange(len(reward_logits), device=reward_logits.device)
     return reward_logits, reward_logits[rows, sequence_lengths].squeeze(-1), sequence_lengths
@@ -394,8 +418,9 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0, packing: Packing | None = None):
         values = None  # critic-free estimators have no value model
         if self.value_model is not None:
-            values = self.value_model.token_scores(input_ids, attention_mask, position_ids).squeeze(-1)
-        return self.policy(input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep), values
+            values = self.value_model.token_scores(input_ids, attention_mask, position_ids, packing).squeeze(-1)
+        policy = self.policy(input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep, packing=packing)
+        return policy, values

@@ -46,6 +46,7 @@ from minirlhf.lora import adapters_disabled, check_lora, merged, save_adapter
 from minirlhf.losses import INVALID_LOGPROB, entropy_from_logits, logprobs_from_logits, ppo_value_loss
 from minirlhf.model import PolicyAndValue, gather_index, model_inputs
 from minirlhf.optim import set_lr, steps_from
+from minirlhf.packing import rollout_packing
 from minirlhf.parallel import gradient_sync
 from minirlhf.rlsetup import load
 from minirlhf.rollout import (
@@ -58,7 +59,7 @@ from minirlhf.rollout import (
     text_scores,
     weighted_sum,
 )
-from minirlhf.training import check_update, prepare, save, save_final, scheduled_lr, start, stop_now
+from minirlhf.training import Run, check_finite, check_update, prepare, save, save_final, scheduled_lr, start, stop_now
 
 
 @dataclass
@@ -75,7 +76,6 @@ class PPOConfig(TrainingConfig):
         **dict.fromkeys(("eval_strategy", "eval_steps"), "PPO has no evaluation loop; see num_sample_generations"),
         "dataloader_drop_last": "PPO always drops the incomplete last batch of prompts, as TRL",
         "max_steps": "PPO's length is total_episodes (or num_train_epochs)",
-        "on_nonfinite": "PPO checks an update's losses and weights after its optimizer steps, so it can only stop",
     }
 
     # ---- models
@@ -98,6 +98,8 @@ class PPOConfig(TrainingConfig):
     """passes of PPO optimisation over each batch of rollouts"""
     local_rollout_forward_batch_size: int = 64
     """sequences per rank per no-grad forward (generation, reference, value and reward)"""
+    padding_free: bool = True
+    """minirlhf: forwards of query + response skip left pads and pads after the stop (packing.py); same results"""
     response_length: int = 53
     """new tokens sampled per prompt (max_new_tokens)"""
     temperature: float = 0.7
@@ -283,16 +285,16 @@ def main(argv: list[str] | None = None) -> None:
         batch = compute_advantages(rollouts, args, eos_token_id)
         # PPO epochs over minibatches, one optimizer step each
         stats = ppo_update(train_model, optimizer, batch, args, pad_token_id, minibatch_orders(args, update),
-                           run.precision)
+                           run.precision, run, update)
         clock.lap("update")
 
         # log every update, save on save_steps, sample completions every sample_generations_freq updates
         eps = int((update - start_update) * args.batch_size / (time.time() - start_time))
         logger.log({"eps": eps, **update_metrics(batch, stats, eos_token_id, extra), **clock.metrics(batch), "lr": lr,
+                    **({"skipped_steps": run.skipped} if run.skipped else {}),  # on_nonfinite = "skip"
                     "episode": episode, "epoch": episode / (k * len(train_dataset)), "step": update})
         logger.update()
-        losses = {f"loss/{k}": stats[k] for k in ("pg_loss", "vf_loss") if k in stats}  # no vf_loss when critic-free
-        check_update(run, update, losses, model)  # before saving: nan/inf losses or weights stop the run
+        check_update(run, update, model)  # before saving: nan/inf weights stop the run
         stopping = run.stop.requested(device)  # SIGTERM/SIGINT on any rank: save now and exit
         due = args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches)
         if stopping or due:
@@ -339,8 +341,8 @@ STATS = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entrop
 
 
 def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: PPOConfig,
-               pad_token_id: int, minibatch_orders: list[torch.Tensor],
-               precision: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+               pad_token_id: int, minibatch_orders: list[torch.Tensor], precision: torch.dtype | None = None,
+               run: Run | None = None, update: int = 0) -> dict[str, torch.Tensor]:
     """PPO epochs (TRL: "Do multiple epochs of PPO training, with a fresh random shuffle in each epoch") over `batch`
     from compute_advantages, with one permutation of its rows per epoch.
     `model` is a PolicyAndValue: plain, DDP-wrapped or FSDP-sharded. Returns each statistic per micro-batch, shaped
@@ -351,6 +353,8 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     gradient_accumulation_steps = 1. With GA > 1 accelerate counts micro-batches across minibatches instead:
     with num_mini_batches > 1 TRL steps once per PPO epoch and leaves statistic slots at 0, and during the last batch
     of a dataloader epoch it steps after every micro-batch.
+    `run` (main's; None in tests and benchmarks: no check) and `update`: a minibatch whose loss or gradient norm is
+    nan/inf on any rank stops the run or, under on_nonfinite = "skip", is not stepped (AdamW's state untouched).
     """
     query_responses, responses = batch["query_responses"], batch["responses"]
     context_length = query_responses.shape[1] - responses.shape[1]
@@ -361,6 +365,8 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     keys = ["responses", "query_responses", "advantages", "logprobs", "ref_logprobs", "padding_mask",
             *(["returns", "values", "padding_mask_p1"] if critic else [])]
     stats = {key: torch.zeros(stats_shape, device=device) for key in STATS if critic or not key.startswith("vf_")}
+    inner = getattr(model, "module", model)  # DDP wraps the PolicyAndValue
+    models = (inner.policy, inner.value_model)
     for ppo_epoch_idx, b_inds in enumerate(minibatch_orders):
         for minibatch_idx, mini_batch_start in enumerate(range(0, args.local_batch_size, args.local_mini_batch_size)):
             mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + args.local_mini_batch_size]
@@ -369,6 +375,8 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                 micro_batch_inds = mini_batch_inds[micro_batch_start:micro_batch_end]
                 mb = {key: batch[key][micro_batch_inds] for key in keys}
                 mb_responses, mb_query_responses = mb["responses"], mb["query_responses"]
+                packing = rollout_packing(mb_query_responses, pad_token_id, context_length, *models) if (
+                    args.padding_free) else None
 
                 # DDP/FSDP average gradients over ranks once per minibatch, on its last micro-batch
                 last = gradient_accumulation_idx == len(micro_starts) - 1
@@ -376,7 +384,7 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                     with autocast(device, precision):
                         # logits only where a response token is predicted (TRL projects every position)
                         output, vpred_temp = model(*model_inputs(mb_query_responses, pad_token_id),
-                                                   logits_to_keep=responses.shape[1] + 1)
+                                                   logits_to_keep=responses.shape[1] + 1, packing=packing)
                     logits = output[:, :-1].float() / (args.temperature + 1e-7)  # (b, T, V)
                     new_logprobs = logprobs_from_logits(logits, gather_index(mb_responses, pad_token_id))
                     new_logprobs = new_logprobs.masked_fill(mb["padding_mask"], INVALID_LOGPROB)
@@ -398,9 +406,12 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                         stats["vf_clipfrac"][cell] = vf_clipfrac
                     stats["entropy"][cell] = entropy_from_logits(logits).mean()
                     stats["ratio"][cell] = ratio.mean()
-            if args.max_grad_norm > 0:  # TRL never clips in PPO; no norm (a host sync) is computed otherwise
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
+            # TRL never clips in PPO; max_grad_norm = 0 leaves the gradients as they are, but gives their norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+            losses = {k: stats[k][ppo_epoch_idx, minibatch_idx].sum() for k in ("pg_loss", "vf_loss") if k in stats}
+            where = f"{update} (PPO epoch {ppo_epoch_idx + 1}, minibatch {minibatch_idx + 1})"
+            if run is None or check_finite(run, where, {**losses, "grad_norm": grad_norm}):  # or stop, or skip
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return stats
 

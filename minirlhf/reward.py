@@ -27,8 +27,9 @@ from minirlhf.data import collate_preference, load_rows, prepare_preference_data
 from minirlhf.hf import load_pretrained
 from minirlhf.lora import LORA_DEFAULT, add_lora, check_lora, merged, save_adapter
 from minirlhf.losses import reward_loss, reward_metrics
-from minirlhf.model import RewardModel, disable_dropout
+from minirlhf.model import RewardModel, disable_dropout, last_non_pad
 from minirlhf.optim import set_lr, steps_from
+from minirlhf.packing import Packing, pair_packing
 from minirlhf.parallel import gradient_sync
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.training import (
@@ -82,6 +83,11 @@ class RewardConfig(TrainingConfig):
     """dropout on the adapters' input (TRL's default; disable_dropout turns it off too)"""
     lora_target_modules: list[str] | None = None
     """Linear layers to adapt, by name; None: ["q_proj", "v_proj"], PEFT's choice for Llama-like models"""
+    padding_free: bool = True
+    """minirlhf: compute no pads (packing.py); the results are the padded batch's, with less arithmetic"""
+    shared_prefix: bool = True
+    """minirlhf: with padding_free, compute the leading tokens a pair's sides share (the prompt) once; off by itself
+    while dropout is on (one dropout draw would serve both sides)"""
 
     def __post_init__(self):
         super().__post_init__()
@@ -135,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                 # gradients are averaged over ranks once per optimizer step, in the last micro-batch's backward
                 with gradient_sync(train_model, i == len(groups[g]) - 1), offload():
                     with autocast(device, run.precision):
-                        rewards = train_model(batch["input_ids"], batch["attention_mask"]).squeeze(-1).float()  # (2B,)
+                        rewards = train_model(batch["input_ids"], batch["attention_mask"],
+                                              packing=batch_packing(batch, args, model)).squeeze(-1).float()  # (2B,)
                     rewards_chosen, rewards_rejected = rewards.chunk(2)  # (B,), (B,)
                     loss = reward_loss(rewards_chosen, rewards_rejected, batch.get("margin"),
                                        args.center_rewards_coefficient)
@@ -233,6 +240,16 @@ def load(args: RewardConfig, device: torch.device):
     return model, tokenizer, train_dataset, eval_dataset
 
 
+def batch_packing(batch: dict[str, torch.Tensor], args: RewardConfig, model: torch.nn.Module) -> Packing | None:
+    """How a batch runs without its pads, sharing each pair's prefix where that is exact; None: padded, as TRL."""
+    if not args.padding_free:
+        return None
+    dropout = model.training and any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    share = args.shared_prefix and not dropout
+    pooled = last_non_pad(batch["input_ids"], getattr(model, "module", model).cfg.pad_token_id)  # DDP wraps it
+    return pair_packing(batch["attention_mask"], pooled, batch["prefix_lengths"] if share else None)
+
+
 @torch.no_grad()
 def batch_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor) -> dict[str, float]:
     """reward_metrics over every rank's (equal) micro-batch, as TRL gathers them in `RewardTrainer.compute_loss`."""
@@ -259,7 +276,8 @@ def evaluate(model, eval_dataset: list[dict], args: RewardConfig, run: Run, pad_
         batch = {k: v.to(device) for k, v in collate_preference(
             [eval_dataset[i] for i in indices], pad_token_id, args.pad_to_multiple_of).items()}
         with autocast(device, run.precision):
-            rewards = model(batch["input_ids"], batch["attention_mask"]).squeeze(-1).float()  # (2B,)
+            rewards = model(batch["input_ids"], batch["attention_mask"],
+                            packing=batch_packing(batch, args, model)).squeeze(-1).float()  # (2B,)
         chosen, rejected = rewards.chunk(2)
         if not spare:
             loss = reward_loss(chosen, rejected, batch.get("margin"), args.center_rewards_coefficient)

@@ -17,6 +17,7 @@ from minirlhf.data import collate_prompts
 from minirlhf.generate import generate
 from minirlhf.losses import INVALID_LOGPROB, first_true_indices, logprobs_from_logits, truncate_response
 from minirlhf.model import CausalLM, RewardModel, gather_index, get_reward, model_inputs
+from minirlhf.packing import rollout_packing
 from minirlhf.parallel import gathered_weights
 from minirlhf.tokenizer import Tokenizer
 
@@ -55,6 +56,10 @@ def score_responses(ref_policy: CausalLM, value_model: RewardModel | None, rewar
     raw_scores are 0 (reward functions add theirs)."""
     context_length = queries.shape[1]
     device = queries.device
+
+    def packing(rows, model):  # padding-free: by model, as its sliding window decides how pads pack
+        return rollout_packing(rows, pad_token_id, context_length, model) if args.padding_free else None
+
     out = {key: [] for key in ("raw_ref_logprobs", "postprocessed_responses", "sequence_lengths",
                                *(["raw_values"] if value_model is not None else []), "raw_scores")}
     for i in range(0, len(queries), args.local_rollout_forward_batch_size):
@@ -63,8 +68,8 @@ def score_responses(ref_policy: CausalLM, value_model: RewardModel | None, rewar
         response = query_response[:, context_length:]  # (b, T)
         with autocast(device, precision):
             # logits from the last query token to the one before the last response token: (b, T, vocab)
-            ref_logits = ref_policy(*model_inputs(query_response, pad_token_id),
-                                    logits_to_keep=response.shape[1] + 1)[:, :-1]
+            ref_logits = ref_policy(*model_inputs(query_response, pad_token_id), logits_to_keep=response.shape[1] + 1,
+                                    packing=packing(query_response, ref_policy))[:, :-1]
         ref_logits = ref_logits.float() / (args.temperature + 1e-7)  # (b, T, vocab): one chunk at a time
         out["raw_ref_logprobs"].append(logprobs_from_logits(ref_logits, gather_index(response, pad_token_id)))
         del ref_logits
@@ -79,11 +84,13 @@ def score_responses(ref_policy: CausalLM, value_model: RewardModel | None, rewar
         sequence_length = first_true_indices(postprocessed_response == pad_token_id) - 1  # L: last real token
         with autocast(device, precision):
             if value_model is not None:
-                full_value, _, _ = get_reward(value_model, query_response, pad_token_id, context_length)
+                full_value, _, _ = get_reward(value_model, query_response, pad_token_id, context_length,
+                                              packing(query_response, value_model))
                 out["raw_values"].append(full_value[:, context_length - 1 : -1].squeeze(-1).float())  # V before each
             score = torch.zeros(len(query), device=device)
             if reward_model is not None:
-                _, score, _ = get_reward(reward_model, postprocessed_query_response, pad_token_id, context_length)
+                _, score, _ = get_reward(reward_model, postprocessed_query_response, pad_token_id, context_length,
+                                         packing(postprocessed_query_response, reward_model))
         out["postprocessed_responses"].append(postprocessed_response)
         out["sequence_lengths"].append(sequence_length)
         out["raw_scores"].append(score.float())

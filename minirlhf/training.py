@@ -7,8 +7,8 @@ models and data -> `prepare` (resume the weights, shard or wrap, AdamW, resume i
 
 What keeps a run's work safe (README, "Reliability"): an output_dir holding another run is resumed or refused,
 never silently mixed with (`check_output_dir`); SIGTERM/SIGINT end the run at a step boundary with a checkpoint
-(`StopSignal`); a non-finite loss or gradient norm stops the run before anything of it is saved, or skips the update
-(`optimizer_step`, `check_finite`).
+(`StopSignal`); a non-finite loss or gradient norm stops the run before anything of it is saved, or skips that
+optimizer step (`optimizer_step`, `check_finite`; PPO: `ppo_update`); a failed save exits 2 on every rank.
 """
 
 import contextlib
@@ -28,6 +28,7 @@ from torch import nn
 
 from minirlhf.checkpoint import (
     OtherRankFailed,
+    agreed,
     checkpoint_dirs,
     load_checkpoint,
     load_checkpoint_weights,
@@ -214,19 +215,24 @@ def optimizer_step(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
     return grad_norm
 
 
-def check_finite(run: Run, step: int, values: dict[str, float]) -> bool:
-    """True if every value is finite on every rank. Otherwise, under on_nonfinite = "stop", say which at which step
-    and exit 1 before anything of this step is saved; under "skip", count it in run.skipped and return False."""
-    bad = [f"{k} = {v}" for k, v in values.items() if not math.isfinite(v)]
-    if all_reduce(torch.tensor(float(bool(bad)), device=run.dist.device), "max").item() == 0:
+def check_finite(run: Run, step: int | str, values: dict[str, float | torch.Tensor],
+                 can_skip: bool = True) -> bool:
+    """True if every value (a float, or a scalar tensor left on its device) is finite on every rank: one all-reduced
+    flag, the only host sync, the values themselves read only when one is not. Otherwise, under on_nonfinite = "stop"
+    or when the step is already taken (not `can_skip`), say which at which step and exit 1 before anything of this
+    step is saved; under "skip", count it in run.skipped and return False (the caller drops the step)."""
+    values = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in values.items()}  # FSDP: whole
+    finite = torch.stack([torch.as_tensor(v, device=run.dist.device).isfinite() for v in values.values()]).all()
+    if all_reduce((~finite).float(), "max").item() == 0:
         return True
+    bad = [f"{k} = {float(v)}" for k, v in values.items() if not math.isfinite(v)]
     what = ", ".join(bad) or "a value on another rank"
-    if run.args.on_nonfinite == "skip":
+    if run.args.on_nonfinite == "skip" and can_skip:
         run.skipped += 1
-        print0(f"[minirlhf] step {step}: {what}; update skipped ({run.skipped} so far)")
+        print0(f"[minirlhf] step {step}: {what}; skipped this optimizer step ({run.skipped} so far)")
         return False
     last = checkpoint_dirs(run.args.output_dir, run.run_id)
-    skip = "" if "on_nonfinite" in run.args.unused else ', or set on_nonfinite = "skip"'  # PPO cannot skip
+    skip = ', or set on_nonfinite = "skip"' if can_skip else ""  # skipping cannot undo a step already taken
     print0(f"error: step {step}: {what}; stopped without saving (last checkpoint: {last[-1] if last else 'none'}); "
            f"lower learning_rate{skip}", file=sys.stderr)
     cleanup_distributed()
@@ -240,12 +246,13 @@ def due(strategy: str, step: int, every: int, epoch_end: bool) -> bool:
     return strategy == "epoch" and epoch_end
 
 
-def check_update(run: Run, update: int, losses: dict[str, torch.Tensor], model: nn.Module) -> None:
-    """PPO, after an update's optimizer steps: check_finite over its losses and the sum of the weights (this rank's
-    shards under FSDP), nan or inf when any weight is or has blown up, so that neither is saved."""
+def check_update(run: Run, update: int, model: nn.Module) -> None:
+    """PPO, after an update's optimizer steps (each checked before it is taken, in ppo_update): check_finite over the
+    sum of the weights (this rank's shards under FSDP), nan or inf when any weight has blown up (finite gradients, a
+    huge learning rate), so that none is saved. The steps are taken: this stops under either on_nonfinite."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    weights = torch.stack([p.detach().float().sum() for p in local]).sum().item()
-    check_finite(run, update, {**{k: v.sum().item() for k, v in losses.items()}, "weights": weights})
+    weights = torch.stack([p.detach().float().sum() for p in local]).sum()
+    check_finite(run, update, {"weights": weights}, can_skip=False)
 
 
 def check_positions(model: nn.Module, prompt_length: int, response_length: int) -> None:
@@ -280,8 +287,9 @@ def exit_on_os_error(what: str, tmp: Path):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(error, OtherRankFailed):
-            print(f"error: output_dir: cannot save {what} in {tmp.parent} ({error.strerror or error}); what was "
-                  "saved before is intact", file=sys.stderr, flush=True)
+            cause = f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}"
+            print(f"error: output_dir: cannot save {what} in {tmp.parent} ({cause}); what was saved before is intact",
+                  file=sys.stderr, flush=True)
         cleanup_distributed()
         raise SystemExit(2) from None
 
@@ -296,14 +304,22 @@ def stop_now(run: Run, step: int, logger) -> None:
 
 
 def save_final(run: Run, models: dict[str, nn.Module], tokenizer) -> None:
-    """Each model (subfolder -> model) and the tokenizer into output_dir; every rank calls it, rank 0 writes."""
+    """Each model (subfolder -> model) and the tokenizer into output_dir; every rank calls it, rank 0 writes. Under
+    torchrun every rank learns whether rank 0 could (checkpoint.agreed), so that a full disk there exits 2 on all."""
     run.stop.in_loop = False  # a signal now exits at once: the save below is atomic, the last checkpoint complete
     weights = {sub: full_model_state(model) for sub, model in models.items()}
-    if run.dist.is_main:
-        for sub, model in models.items():
-            folder = Path(run.args.output_dir) / sub
-            with exit_on_os_error("the final model", folder / ".tmp-save"):
+    for sub, model in models.items():
+        folder = Path(run.args.output_dir) / sub
+        with exit_on_os_error("the final model", folder / ".tmp-save"), agreed():
+            if run.dist.is_main:
                 save_pretrained(model, str(folder), state_dict=weights[sub])
-        tokenizer.save_pretrained(run.args.output_dir)
-        also = "".join(f" and {sub}/" for sub in models if sub)
-        print0(f"[minirlhf] saved the final model{also} to {run.args.output_dir}")
+    tmp = Path(run.args.output_dir) / ".tmp-tokenizer"
+    with exit_on_os_error("the tokenizer", tmp), agreed():
+        if run.dist.is_main:  # written aside, then renamed into place, as save_pretrained does the model's files
+            shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer.save_pretrained(tmp)
+            for file in tmp.iterdir():
+                os.replace(file, tmp.parent / file.name)
+            tmp.rmdir()
+    also = "".join(f" and {sub}/" for sub in models if sub)
+    print0(f"[minirlhf] saved the final model{also} to {run.args.output_dir}")

@@ -101,7 +101,7 @@ def fails(capsys, ws: Path, trainer: str, *extra: str, flags: list[str] | None =
     ("reward", ["--num_train_epochs=0", "--max_steps=-1"], ["num_train_epochs", "> 0"]),
     ("reward", ["--save_total_limit=0"], ["save_total_limit"]),
     ("reward", ["--on_nonfinite=ignore"], ["on_nonfinite", "'ignore'"]),
-    ("ppo", ["--on_nonfinite=skip"], ["on_nonfinite", "can only stop"]),
+    ("ppo", ["--max_steps=10"], ["max_steps", "total_episodes", "leave it unset"]),
     ("reward", ["--trust_remote_code=true"], ["trust_remote_code", "not implemented"]),
     ("ppo", ["--num_mini_batches=3"], ["num_mini_batches", "not a multiple"]),
     ("ppo", ["--world_size=2"], ["world_size", "filled at runtime"]),

@@ -181,9 +181,65 @@ def test_ppo_nonfinite_loss_stops(task, capsys):
         ppo.main([*flags, "--learning_rate=1e37", "--save_steps=1", f"--output_dir={tmp_path / 'run'}"])
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and line.startswith("error: step ") and "weights = " in line, line
-    assert "on_nonfinite" not in line  # PPO refuses "skip": not offered
+    assert "on_nonfinite" not in line  # the weights blew up in steps already taken: "skip" cannot help, not offered
     bad = int(line.split()[2].rstrip(":"))
     assert [int(p.name.split("-")[1]) for p in checkpoint_dirs(tmp_path / "run")] == list(range(1, bad))
+
+
+REWARD_CALLS = []
+
+
+def nan_at_update_2(prompts: list[str], completions: list[str]) -> list[float]:
+    """A PPO reward function: nan for the second update's rollouts, whose losses and gradients are then nan in every
+    minibatch, 0 for the others."""
+    REWARD_CALLS.append(len(prompts))
+    return [float("nan") if len(REWARD_CALLS) == 2 else 0.0] * len(prompts)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])  # clip_grad_norm_'s norm, or that of unclipped gradients
+def test_ppo_nonfinite_loss_skip_drops_the_step(task, capsys, max_grad_norm):
+    """PPO with on_nonfinite = "skip": update 2's optimizer step is not taken (the policy, the value model and
+    AdamW's moments and step counts in checkpoint-2 are those of checkpoint-1), it is counted in skipped_steps from
+    then on, also by a run resumed after it, and training goes on."""
+    from minirlhf import ppo
+
+    tmp_path, _ = task
+    REWARD_CALLS.clear()
+    out = tmp_path / "run"
+    flags = [*sft_and_ppo_flags(tmp_path)["ppo"], "--total_episodes=16", "--save_strategy=steps", "--save_steps=1",
+             "--on_nonfinite=skip", f"--max_grad_norm={max_grad_norm}",
+             "--reward_funcs=test_reliability:nan_at_update_2"]
+    ppo.main([*flags, f"--output_dir={out}"])
+    assert "step 2 (PPO epoch 1, minibatch 1): pg_loss = nan" in capsys.readouterr().out
+    assert [m.get("skipped_steps") for m in read_metrics(out)] == [None, 1, 1, 1]
+    ppo.main([*flags, f"--output_dir={out}", f"--resume_from_checkpoint={out / 'checkpoint-3'}"])  # update 4 again
+    assert [m.get("skipped_steps") for m in read_metrics(out)] == [None, 1, 1, 1]
+    for sub in ("", "value_model"):
+        assert_same_weights(out / "checkpoint-2" / sub, out / "checkpoint-1" / sub)
+    before, after = (torch.load(out / f"checkpoint-{i}" / "optimizer.pt", weights_only=True)["state"] for i in (1, 2))
+    torch.testing.assert_close(after, before, rtol=0, atol=0)  # every moment and step count, exactly
+    trained = load_file(out / "checkpoint-3" / "model.safetensors")
+    skipped = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(trained[k], skipped[k]) for k in skipped)  # update 3 steps again
+    assert all(torch.isfinite(t).all() for t in trained.values())
+
+
+def test_ppo_nonfinite_loss_stops_before_its_step(task, capsys):
+    """PPO with on_nonfinite = "stop" and update 2's rollouts scored nan: exit 1 before its first optimizer step, one
+    line naming the update, the minibatch and the quantities, suggesting "skip"; checkpoint-1 is the last."""
+    from minirlhf import ppo
+
+    tmp_path, _ = task
+    REWARD_CALLS.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.main([*sft_and_ppo_flags(tmp_path)["ppo"], "--total_episodes=16", "--save_strategy=steps",
+                  "--save_steps=1", "--reward_funcs=test_reliability:nan_at_update_2",
+                  f"--output_dir={tmp_path / 'run'}"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1, line
+    assert line.startswith("error: step 2 (PPO epoch 1, minibatch 1): pg_loss = nan"), line
+    assert "last checkpoint: " in line and line.endswith('or set on_nonfinite = "skip"'), line
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["checkpoint-1"]
 
 
 def test_missing_rng_state_is_said(task, capsys):
@@ -287,6 +343,54 @@ def test_torchrun_full_disk_on_rank_1_stops_every_rank(task):
     assert "minirlhf/" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
     assert time.monotonic() - began < 30  # torchrun's grace before it kills workers: nobody waited for it
     assert not [p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name]
+
+
+# Rank 0's disk fills up while it writes the final model's weights (after a part of the file); each rank records
+# how its run ended, since torchrun reports only the first failure.
+FULL_DISK_IN_FINAL_SAVE_ON_RANK_0 = """import errno, os, sys
+from pathlib import Path
+from minirlhf import hf, reward
+rank = os.environ["RANK"]
+if rank == "0":
+    def full_disk(tensors, path, metadata):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    hf.save_file = full_disk
+code = 0
+try:
+    reward.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+    raise
+finally:
+    (Path(__file__).parent / f"exit-{rank}").write_text(str(code))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_full_disk_in_final_save_on_rank_0_fails_every_rank(task):
+    """A full disk on rank 0 while it alone writes the final model: every rank learns of it (one all-reduced flag)
+    and exits 2, not only rank 0 with the others finishing 0; one line from rank 0, no traceback, no temporary
+    folder left, and the model that was in output_dir before is intact."""
+    tmp_path, flags = task
+    out = tmp_path / "run"
+    shutil.copytree(tmp_path / "model", out)  # a previous final model, which the failed save must leave whole
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "launch.py").write_text(FULL_DISK_IN_FINAL_SAVE_ON_RANK_0)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "launch.py"), *flags, "--max_steps=2", "--save_strategy=no",
+                           "--overwrite_output_dir=true", f"--output_dir={out}"], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=120)
+    assert {p.name: p.read_text() for p in tmp_path.glob("exit-*")} == {"exit-0": "2", "exit-1": "2"}, \
+        proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
+    assert f"cannot save the final model in {out} ({out / '.tmp-save' / 'model.safetensors'}: " in ours[0], ours
+    assert "No space left on device" in ours[0], ours
+    # no traceback through our code (torchrun prints its own when a worker fails), no rank claiming success
+    assert "minirlhf/" not in proc.stderr and "saved the final model" not in proc.stdout, proc.stderr[-3000:]
+    assert not list(out.glob(".tmp-*"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
 
 
 # ---- kill -9
