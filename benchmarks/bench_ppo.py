@@ -49,10 +49,12 @@ response token is predicted, in the policy and the reference: 2 + 3 E forward-eq
 are left out. Ratios are ours / TRL's over neighbouring runs (> 1: ours is faster or, for memory, larger), the
 median with the range in brackets.
 
-Usage:
-    python benchmarks/bench_ppo.py                                # toy and spread, 1 and 2 threads, 3 repeats
+Usage (2-core machine; wall times estimated from --quick runs on an idle machine, as the sides stood 2026-12-02):
+    python benchmarks/bench_ppo.py                                # toy and spread, 1 and 2 threads, 3 repeats:
+                                                                  # ~20 min (a spread run ~1 min at 1 thread)
     python benchmarks/bench_ppo.py --dataset toy --threads 1 --sides all
-    python benchmarks/bench_ppo.py --quick                        # 1 repeat, 1 thread, 2 updates: checks it runs
+    python benchmarks/bench_ppo.py --quick                        # 1 repeat, 1 thread, 2 updates, checks that
+                                                                  # it runs: ~2.5 min
 """
 
 import argparse

@@ -5,12 +5,13 @@ saved once) on the same preference file for the same steps: batch 8 pairs, fp32 
 both sides), CPU, logging every `warmup` steps, no evaluation or saving. The two runs follow the same trajectory
 (tests/test_reward.py checks that), so they process the same tokens; the benchmark asserts it. Two datasets of random
 words (one word is one token):
-- toy: prompt 20-59 tokens, each side (prompt + completion + EOS) 60-128 tokens, max_length 128; 5 warmup + 25 timed
+- toy: prompt 20-59 tokens, each side (prompt + completion + EOS) 60-128 tokens, max_length 128; 4 warmup + 16 timed
   steps;
 - spread: a realistic length spread, prompt 20-200 tokens, chosen and rejected completions 10-300 tokens each (drawn
-  independently), max_length 512 (nothing is dropped); 2 warmup + 8 timed steps. Padding to the longest sequence
-  of a batch wastes far more here than on the toy set, and every prompt is half of a pair's tokens or more, so what
-  padding-free packing and a shared prompt computed once buy depends on this shape: the report prints both shares.
+  independently), max_length 512 (nothing is dropped); 2 warmup + 6 timed steps. Padding to the longest sequence
+  of a batch wastes more here than on the toy set (~38% of a padded batch against ~24%), while prompts are ~42% of
+  the tokens in both, so what padding-free packing buys depends on this shape, and what a shared prompt computed once
+  buys on the prompt share: each table prints both for its steps.
 Sides: "minirlhf" (its defaults: padding_free and shared_prefix on, where this minirlhf has them), "minirlhf padded"
 (padding_free=false, shared_prefix=false: right-padded batches, chosen and rejected computed whole, as TRL does) and
 TRL. The padded side is skipped, with a note, when minirlhf's RewardConfig has no such keys.
@@ -38,12 +39,13 @@ Targets from the issue: >= 1.5x TRL's tokens/s, <= TRL's peak memory.
 On a machine shared with other busy processes, two threads spend much of each kernel waiting for a thread that has
 lost its core; one thread then measures the code rather than the scheduler.
 
-Usage (2-core machine):
-    python benchmarks/bench_reward.py                      # toy and spread, 1 and 2 threads, 3 repeats
+Usage (2-core machine; wall times estimated from --quick runs on an idle machine, as the sides stood 2026-12-02):
+    python benchmarks/bench_reward.py                      # toy and spread, 1 and 2 threads, 3 repeats: ~20 min
     python benchmarks/bench_reward.py --dataset spread --threads 1 --repeats 5
     python benchmarks/bench_reward.py --gc false,true      # gradient checkpointing off and on
     python benchmarks/bench_reward.py --bf16               # bf16=true on both sides: CPU autocast in both trainers
-    python benchmarks/bench_reward.py --quick              # 1 repeat, 1 thread, a few steps: checks that it runs
+    python benchmarks/bench_reward.py --quick              # 1 repeat, 1 thread, a few steps, checks that it
+                                                           # runs: ~2 min
 """
 
 import argparse
@@ -67,8 +69,8 @@ N_WORDS = 8000
 SPECIAL = ["<|endoftext|>", "<pad>"]  # eos id 0, pad id 1
 BATCH = 8
 # (warmup, timed) steps; the timed steps are a multiple of warmup, so that logs land on both ends
-DATASETS = {"toy": dict(max_length=128, steps=(5, 25), quick=(2, 4)),
-            "spread": dict(max_length=512, steps=(2, 8), quick=(1, 2))}
+DATASETS = {"toy": dict(max_length=128, steps=(4, 16), quick=(2, 4)),
+            "spread": dict(max_length=512, steps=(2, 6), quick=(1, 2))}
 SIDES = {"ours": "minirlhf", "ours-padded": "minirlhf padded", "trl": "TRL 1.12"}
 PADDED = ["--padding_free=false", "--shared_prefix=false"]  # minirlhf's keys for the padded side
 
