@@ -11,7 +11,7 @@ words (one word is one token):
   independently), max_length 512 (nothing is dropped); 2 warmup + 6 timed steps. Padding to the longest sequence
   of a batch wastes more here than on the toy set (~38% of a padded batch against ~24%), while prompts are ~42% of
   the tokens in both, so what padding-free packing buys depends on this shape, and what a shared prompt computed once
-  buys on the prompt share: each table prints both for its steps.
+  buys on the prompt share: each table prints the padding of its timed steps and the prompt share of its file.
 Sides: "minirlhf" (its defaults: padding_free and shared_prefix on, where this minirlhf has them), "minirlhf padded"
 (padding_free=false, shared_prefix=false: right-padded batches, chosen and rejected computed whole, as TRL does) and
 TRL. The padded side is skipped, with a note, when minirlhf's RewardConfig has no such keys.
