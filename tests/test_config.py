@@ -51,7 +51,8 @@ NOT_IN_TRL = {"warmup_ratio": "removed in transformers 5; accepted as the ratio 
               "num_generations": "GRPO/RLOO's name; default 1, TRL's PPO", "advantage_estimator": "minirlhf",
               "value_model_path": "minirlhf: TRL's PPO takes a value model object",
               "overwrite_output_dir": "transformers 4.x (removed in 5): start afresh over another run",
-              "on_nonfinite": "minirlhf: stop or skip at a nan/inf loss or gradient norm"}
+              "on_nonfinite": "minirlhf: stop or skip at a nan/inf loss or gradient norm",
+              "padding_free": "minirlhf: packed forwards", "shared_prefix": "minirlhf: a pair prompt once"}
 # TRL's ModelConfig fields (PPO only): compared with ModelConfig's defaults
 MODEL_FIELDS = {"use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
 
