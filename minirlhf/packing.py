@@ -7,17 +7,17 @@ gathered into their cells and masked exactly as the padded batch is; each token'
 So every output equals the padded forward's, position by position (the grid's attention is the same computation),
 and only the arithmetic on pads and on repeated prefixes is gone. The last layer runs only for the tokens whose
 outputs are read (`used`: a reward model reads one cell per row, PPO the response): the others' keys and values are
-all it needs from them. Gathering is autograd's index_select, whose
-backward sums the copies: a shared prompt token's keys and values get the gradient of both rows that read them.
+all it needs from them. Gathering is autograd's index_select, whose backward sums the copies: a shared prompt
+token's keys and values get the gradient of both rows that read them.
 
 Which cells are distinct tokens:
 - every real cell (attention mask 1), except one that repeats the same column of another row (a shared prefix);
-- of padding, only cells whose outputs are used (`keep_from`): a padded position reads token id 0 at the position
+- of padding, only cells whose outputs are used (`used`): a padded position reads token id 0 at the position
   after the last real token and attends to the real tokens before it and to itself, so every pad of a run (e.g. all
   pads after a response's stop token) computes the same output, and one token per run stands for all of them. Not
   under a sliding window shorter than the row: each pad then sees the keys of its own window, so each is a token.
 
-The idea is "remove padding" of Effective Transformer / TurboTransformers (ByteDance, 2020) and the unpad/pad around
+The idea is the "remove padding" of ByteDance's Effective Transformer (2020) and the unpad/pad around
 flash-attention's varlen kernels (Dao et al. 2022); here the attention grid keeps it exact on any SDPA backend.
 """
 
@@ -106,6 +106,15 @@ def pair_packing(attention_mask: torch.Tensor, pooled: torch.Tensor, prefix_leng
                 shared_length=torch.cat([torch.zeros_like(prefix_lengths), prefix_lengths]))
 
 
+def rollout_packing(query_responses: torch.Tensor, pad_token_id: int, context_length: int, *models) -> Packing:
+    """Packing of PPO's left-padded query + response rows for `models`, whose outputs are read from the last query
+    token on."""
+    windows = [w for model in models if model is not None for w in model.cfg.sliding_windows if w is not None]
+    used = (torch.arange(query_responses.shape[1], device=query_responses.device) >= context_length - 1).expand(
+        query_responses.shape)
+    return pack(query_responses != pad_token_id, used, window=min(windows, default=None))
+
+
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     """How many leading token ids two sequences share."""
     n = 0
@@ -114,12 +123,3 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def rollout_packing(query_responses: torch.Tensor, pad_token_id: int, context_length: int, *models) -> Packing:
-    """Packing of PPO's left-padded query + response rows for `models`, whose outputs are read from the last query
-    token on."""
-    windows = [w for model in models if model is not None for w in model.cfg.sliding_windows if w is not None]
-    used = (torch.arange(query_responses.shape[1], device=query_responses.device) >= context_length - 1).expand(
-        query_responses.shape)
-    return pack(query_responses != pad_token_id, used, window=min(windows, default=None))
