@@ -38,8 +38,8 @@ import transformers
 
 from minirlhf import CausalLM
 from minirlhf.generate import generate
-from minirlhf.hf import config_from_hf, load_pretrained
-from minirlhf.model import init_weights
+from minirlhf.infra.hf import config_from_hf, load_pretrained
+from minirlhf.infra.hf import init_weights
 
 MODELS = {  # name -> (model_type, transformers config fields)
     "tiny-llama": ("llama", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

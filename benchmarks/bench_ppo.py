@@ -150,11 +150,11 @@ def run_ours(folder: Path, spec: dict, precision: torch.dtype | None, lora: bool
     """minirlhf's loop (ppo.main's steps 1-2): update wall times, sampling seconds and episodes after the first."""
     from minirlhf import ppo, rollout
     from minirlhf.data import collate_prompts
-    from minirlhf.hf import load_pretrained
-    from minirlhf.lora import LORA_DEFAULT, adapters_disabled, add_lora
+    from minirlhf.infra.hf import load_pretrained
+    from minirlhf.infra.lora import LORA_DEFAULT, adapters_disabled, add_lora
+    from minirlhf.infra.tokenizer import Tokenizer
     from minirlhf.model import CausalLM, PolicyAndValue, RewardModel
     from minirlhf.optim import AdamW, param_groups
-    from minirlhf.tokenizer import Tokenizer
 
     prompts = [{"input_ids": p} for p in json.loads((folder / "prompts.json").read_text())]
     stop_token_id = EOS if spec["stop"] else None

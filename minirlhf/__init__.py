@@ -1,23 +1,14 @@
-"""minirlhf: a minimal, pure-PyTorch reference implementation of RLHF (reward-model training and PPO)."""
+"""minirlhf: a minimal, pure-PyTorch reference implementation of RLHF (reward-model training and PPO).
 
-import os
-import sys
+The reading floor is this folder; minirlhf/infra/ is the machine room, skipped on a first reading.
+"""
 
+from minirlhf.infra import exit_quietly_on_ctrl_c_while_starting
 
-def _interrupted_while_starting(signum, frame) -> None:
-    print("[minirlhf] SIGINT while starting: exiting at once", file=sys.stderr, flush=True)
-    os._exit(130)
+exit_quietly_on_ctrl_c_while_starting()  # first: torch is slow to import
 
+from minirlhf.infra.hf import load_pretrained, save_pretrained  # noqa: E402
+from minirlhf.model import CausalLM, ModelConfig, RewardModel  # noqa: E402
 
-# `python -m minirlhf.<trainer>` (Python sets argv[0] to "-m" while it imports the module's packages): a Ctrl-C while
-# torch and the rest are imported exits with one line, not a KeyboardInterrupt traceback, until the trainer installs
-# its own handler (training.StopSignal). A plain `import minirlhf` leaves the caller's SIGINT handling alone.
-if sys.argv[:1] == ["-m"]:
-    import signal
-
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
-
-from minirlhf.model import CausalLM, ModelConfig, RewardModel  # noqa: E402 (after the handler: torch is slow to import)
-
-__all__ = ["CausalLM", "ModelConfig", "RewardModel"]
+__all__ = ["CausalLM", "ModelConfig", "RewardModel", "load_pretrained", "save_pretrained"]
 __version__ = "0.1.0"

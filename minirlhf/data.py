@@ -1,6 +1,6 @@
-"""Datasets as plain lists of dicts: loading rows, tokenizing them the way TRL 1.12 does, and collating batches.
+"""Datasets as plain lists of dicts: tokenizing rows the way TRL 1.12 does, collating batches, the data order.
 
-- `load_rows`: a .jsonl/.json/.parquet file, a local folder of split-named files, or a Hub dataset id.
+Rows come from `infra.files.load_rows` (a .jsonl/.json/.parquet file, a folder of split-named files, or a Hub id).
 - `prepare_preference_dataset` + `collate_preference`: RewardTrainer's `_prepare_dataset` and
   `DataCollatorForPreference` (trl/trainer/reward_trainer.py).
 - `prepare_prompt_dataset` + `collate_prompts`: the `prompt` column of TRL's PPO example (examples/scripts/ppo/ppo.py),
@@ -14,7 +14,7 @@ Where TRL needs a `datasets.Dataset`, we take `list[dict]` and report a malforme
 somewhere inside `Dataset.map`.
 
 Usage:
-    rows = load_rows("trl-lib/ultrafeedback_binarized", "train")
+    rows = load_rows("trl-lib/ultrafeedback_binarized", "train")  # minirlhf.infra.files
     examples, n_dropped = prepare_preference_dataset(rows, tokenizer, max_length=1024, source="ultrafeedback")
     batch = collate_preference(examples[:8], tokenizer.pad_token_id)  # input_ids (16, T): 8 chosen, then 8 rejected
 """
@@ -22,82 +22,11 @@ Usage:
 import itertools
 import json
 import math
-import re
 import warnings
-from pathlib import Path
 
 import torch
 
-from minirlhf.hub import local_or_hub
-from minirlhf.packing import common_prefix_length
-from minirlhf.tokenizer import Tokenizer
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-# How `datasets` names the split of each file in a folder (datasets/data_files.py, ALL_DEFAULT_PATTERNS): if some
-# file is "data/{split}-00000-of-00003.*", those files, for any split name; else a split keyword standing alone
-# (between "-._ 0-9" or "/") in folder names, e.g. dev/rows.jsonl; else in file names, e.g. train.jsonl or
-# data/test-0.json; else every file is "train". The first rule that matches some file is the only one used.
-SHARDED = re.compile(r"^data/(.+)-\d{5}-of-\d{5}[^/]*$")
-SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
-                  "test": ("test", "testing", "eval", "evaluation")}
-
-
-# ---- loading rows
-
-def load_rows(dataset_name: str, split: str, revision: str | None = None) -> list[dict]:
-    """Rows of a data file (the split is ignored), of the `split` files in a folder, or of a Hub dataset (downloaded
-    to the huggingface_hub cache, then read like a folder)."""
-    path = local_or_hub(dataset_name, [f"*{suffix}" for suffix in DATA_SUFFIXES], revision, repo_type="dataset")
-    if path.is_file():
-        return _read_file(path)
-    return [row for file in _split_files(path, split) for row in _read_file(file)]
-
-
-def _split_files(folder: Path, split: str) -> list[Path]:
-    relative = (p.relative_to(folder) for p in folder.rglob("*") if p.suffix in DATA_SUFFIXES)
-    files = sorted(p.as_posix() for p in relative if not any(part.startswith(".") for part in p.parts))  # no .cache
-    split_of = {file: match.group(1) for file in files if (match := SHARDED.match(file))}
-    for part in (lambda file: file.rpartition("/")[0], lambda file: file.rpartition("/")[2]):  # folders, then names
-        split_of = split_of or {file: name for file in files for name, keywords in SPLIT_KEYWORDS.items()
-                                if any(re.search(rf"(^|[-._ 0-9/]){k}([-._ 0-9/]|$)", part(file)) for k in keywords)}
-    split_of = split_of or dict.fromkeys(files, "train")
-    chosen = [folder / file for file, name in split_of.items() if name == split]
-    if not chosen:
-        available = sorted(set(split_of.values()))
-        raise ValueError(f"{folder}: no data files for split {split!r}; available splits: {available}")
-    return chosen
-
-
-def _read_file(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet
-        except ImportError as error:
-            raise ImportError(f"{path}: reading parquet needs pyarrow: pip install 'minirlhf[parquet]'") from error
-        return pyarrow.parquet.read_table(path).to_pylist()
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    if path.suffix == ".json" and text.lstrip().startswith("["):  # one JSON list of rows; else JSON lines
-        numbered = [(f"row {i}", row) for i, row in enumerate(_parse_json(text, path, line_number=1))]
-    else:
-        numbered = [(f"line {n}", _parse_json(line, path, n)) for n, line in enumerate(text.splitlines(), 1)
-                    if line.strip()]
-    for where, row in numbered:
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: {where}: expected a JSON object, got {type(row).__name__}")
-    return [row for _, row in numbered]
-
-
-def _parse_json(text: str, path: Path, line_number: int):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: line {line_number + error.lineno - 1}: invalid JSON: {error.msg}") from None
-
+from minirlhf.infra.tokenizer import Tokenizer
 
 # ---- checking and tokenizing one row
 
@@ -223,13 +152,11 @@ def pad(sequences: list[list[int]], padding_value: int, padding_side: str = "rig
 def collate_preference(examples: list[dict], pad_token_id: int,
                        pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """TRL's DataCollatorForPreference (trl/trainer/reward_trainer.py): the B chosen then the B rejected sequences,
-    always right-padded; and (minirlhf) how many leading tokens each pair's sides share, for packing.py."""
+    always right-padded."""
     input_ids = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
     batch = {
         "input_ids": pad(input_ids, pad_token_id, "right", pad_to_multiple_of),  # (2B, T)
         "attention_mask": pad([[1] * len(ids) for ids in input_ids], 0, "right", pad_to_multiple_of),  # (2B, T)
-        "prefix_lengths": torch.tensor([common_prefix_length(ex["chosen_ids"], ex["rejected_ids"])
-                                        for ex in examples]),  # (B,)
     }
     if "margin" in examples[0]:
         batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float32)  # (B,)

@@ -4,8 +4,7 @@ This replaces what TRL's PPO gets from transformers' `generate` (TRL's `batch_ge
 trl/experimental/utils.py and ppo_trainer.py):
 - attention mask = `queries != pad_token_id`, pad ids replaced by 0 before the forward (so a pad id outside the
   embedding works), position ids `cumsum(mask) - mask` (first real token at 0), as TRL's `forward` uses;
-- logits in fp32, then temperature, top-k, top-p in transformers' order and with its semantics (the warpers are
-  applied only when sampling, as in transformers);
+- logits in fp32, divided by the temperature, then sampled (no top-k or top-p: TRL's PPO samples with neither);
 - a row that has produced `stop_token_id` is finished: its later tokens are `pad_token_id`, and generation stops
   once every row is finished, so the response length T can be shorter than `max_new_tokens`.
 
@@ -32,28 +31,6 @@ class GenerationOutput:
     logprobs: torch.Tensor  # (B, T): log-softmax of the processed logits at the sampled token, fp32
 
 
-def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering of (..., vocab) logits; filtered entries get -inf.
-
-    Same semantics as transformers' Temperature/TopK/TopPLogitsWarper with min_tokens_to_keep=1: top_k=0 and
-    top_p=1.0 are off, ties with the k-th largest logit are kept, and the most likely token is always kept.
-    """
-    logits = logits / temperature
-    if top_k > 0:
-        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]  # (..., 1)
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p < 1.0:
-        # Nucleus (Holtzman et al. 2019): drop the least likely tokens while their total mass stays <= 1 - top_p.
-        # Sorted ascending, as transformers does, so that ties at the boundary fall the same way.
-        sorted_logits, sorted_indices = torch.sort(logits, dim=-1)
-        tail_mass = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        sorted_remove = tail_mass <= 1 - top_p
-        sorted_remove[..., -1] = False  # min_tokens_to_keep=1: the most likely token always stays
-        remove = sorted_remove.scatter(-1, sorted_indices, sorted_remove)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
-
-
 @torch.no_grad()
 def generate(
     model: CausalLM,
@@ -61,13 +38,10 @@ def generate(
     pad_token_id: int,
     max_new_tokens: int,
     temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    do_sample: bool = True,
     stop_token_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> GenerationOutput:
-    """Sample (or, with do_sample=False, greedily pick) up to max_new_tokens for each row of left-padded queries.
+    """Sample up to max_new_tokens for each row of left-padded queries (a temperature near 0 is greedy decoding).
 
     Runs in the model's current mode (dropout stays as set). The prompt is prefilled once, then one token per step
     reads the cache. `generator` drives `torch.multinomial` (the global generator when None). Logprobs after a row's
@@ -77,10 +51,8 @@ def generate(
         raise ValueError(f"generate: queries must be (batch, context_length), got shape {tuple(queries.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
-    if top_k < 0 or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"generate: need top_k >= 0 and 0 <= top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    if not temperature > 0:
+        raise ValueError(f"generate: temperature must be > 0, got {temperature}")
     B, context_length = queries.shape
     device = queries.device
 
@@ -99,12 +71,8 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     responses, logprobs = [], []
     for step in range(max_new_tokens):
-        logits = logits.float()
-        if do_sample:
-            logits = process_logits(logits, temperature, top_k, top_p)
-            next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
-        else:
-            next_token = logits.argmax(-1)  # (B,)
+        logits = logits.float() / temperature  # (B, vocab)
+        next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
         logprobs.append(logits.log_softmax(-1).gather(-1, next_token[:, None]).squeeze(-1))
         responses.append(next_token.masked_fill(finished, pad_token_id))
         if stop_token_id is not None:

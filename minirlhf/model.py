@@ -19,7 +19,6 @@ References: Vaswani et al. 2017 (attention); Radford et al. 2019 (GPT-2); Su et 
 """
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +27,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minirlhf.losses import first_true_indices
-from minirlhf.packing import Packing
 
 
 @dataclass
@@ -67,15 +65,9 @@ class ModelConfig:
     hf_config: dict = field(default_factory=dict)  # the config.json this came from, written back by save_pretrained
 
 
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
+tanh_gelu = lambda x: F.gelu(x, approximate="tanh")  # GPT-2's approximation, under three Hugging Face names
+ACTIVATIONS = {"gelu": F.gelu, "gelu_new": tanh_gelu, "gelu_pytorch_tanh": tanh_gelu, "gelu_fast": tanh_gelu,
+               "relu": F.relu, "silu": F.silu, "swish": F.silu}
 
 
 class RMSNorm(nn.Module):
@@ -146,8 +138,19 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5 / ((layer_idx + 1) if cfg.attn_scale_by_layer else 1)
         self.layer_idx = layer_idx
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, packing: Packing | None = None, last: bool = False):
-        B, T, _ = x.shape  # packed: B = 1 and T = the number of distinct tokens
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+        q, k, v = self.project(x, cos, sin)  # (B, heads, T, head_dim); k, v: (B, kv_heads, T, head_dim)
+        if cache is not None:  # sampling: keys and values of the earlier positions come from the cache
+            start, T = cache.length, x.shape[1]
+            cache.k[self.layer_idx][:, :, start : start + T] = k
+            cache.v[self.layer_idx][:, :, start : start + T] = v
+            k, v = cache.k[self.layer_idx][:, :, : start + T], cache.v[self.layer_idx][:, :, : start + T]
+        y = self.attend(q, k, v, mask, is_causal=mask is None and cache is None)  # (B, heads, T, head_dim)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
+
+    def project(self, x, cos, sin):
+        """Queries, keys and values of x (B, T, hidden), per head, rotated where the model uses RoPE."""
+        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -156,31 +159,14 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if packing is not None:  # attention sees the tokens in the padded grid, masked as the padded batch
-            q, k, v = packing.to_grid(q), packing.to_grid(k), packing.to_grid(v)
-            if last:  # the last layer: queries of the kept tokens only
-                q, k, v, mask = packing.kept_queries(q, k, v, mask)
-        if cache is not None:
-            start = cache.length
-            cache.k[self.layer_idx][:, :, start : start + T] = k
-            cache.v[self.layer_idx][:, :, start : start + T] = v
-            k, v = cache.k[self.layer_idx][:, :, : start + T], cache.v[self.layer_idx][:, :, : start + T]
-        # CPU autocast: torch's CPU flash attention is ~6x slower in bf16 than in fp32 (backward) and reads a
-        # cache kept in the weights' dtype, so attention runs in fp32 there; the projections stay in bf16.
-        cpu_autocast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-        with torch.autocast("cpu", enabled=False) if cpu_autocast else nullcontext():
-            y = F.scaled_dot_product_attention(
-                *((t.float() for t in (q, k, v)) if cpu_autocast else (q, k, v)),
-                attn_mask=mask,
-                is_causal=mask is None and cache is None,
-                dropout_p=self.attn_dropout.p if self.training else 0.0,
-                scale=self.scale,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )  # (B, heads, T, head_dim)
-        y = y.transpose(1, 2)
-        if packing is not None:
-            y = y.reshape(1, -1, *y.shape[2:]) if last else packing.from_grid(y)  # (1, M or N, heads, d)
-        return self.o_proj(y.flatten(2))
+        return q, k, v
+
+    def attend(self, q, k, v, mask, is_causal: bool):
+        """softmax(q k^T * scale + mask) v (Vaswani et al. 2017), each group of query heads sharing one key/value head
+        (GQA); mask: (B, 1, T, S) boolean "may attend", or None with is_causal."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=self.attn_dropout.p if self.training else 0.0,
+                                              scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads)
 
 
 class MLP(nn.Module):
@@ -215,10 +201,12 @@ class Block(nn.Module):
         self.mlp_resid_dropout = nn.Dropout(cfg.resid_dropout)
         self.parallel_residual = cfg.parallel_residual
 
-    def forward(self, x, cos, sin, mask, cache=None, packing=None, last=False):
-        a = self.attn_resid_dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache, packing, last))
-        if last:  # packed, last layer: only the kept tokens go on
-            x = x[:, packing.kept]
+    def forward(self, x, cos, sin, mask, cache=None):
+        a = self.attn_resid_dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache))
+        return self.add_mlp(x, a)
+
+    def add_mlp(self, x, a):
+        """The rest of the layer once attention has given `a` for the input `x`."""
         if self.parallel_residual:
             return x + a + self.mlp_resid_dropout(self.mlp(self.mlp_norm(x)))
         h = x + a
@@ -243,8 +231,7 @@ def attention_mask_4d(attention_mask, T: int, start: int, window: int | None) ->
 
 
 class Transformer(nn.Module):
-    """Embeddings, blocks and the final norm: input ids (B, T) -> hidden states (B, T, hidden_size); with a Packing
-    (packing.py), hidden states (1, M, hidden_size) of the batch's kept tokens (packing.kept)."""
+    """Embeddings, blocks and the final norm: input ids (B, T) -> hidden states (B, T, hidden_size)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -259,23 +246,25 @@ class Transformer(nn.Module):
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                packing: Packing | None = None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        masks = {}  # one 4-D mask per distinct window; None means plain causal attention
-        for window in set(self.cfg.sliding_windows):
-            needs_mask = attention_mask is not None and not bool(attention_mask.all())
-            needs_mask = needs_mask or (window is not None and start + T > window) or cache is not None
-            if needs_mask:
-                key_mask = attention_mask if attention_mask is not None else input_ids.new_ones(B, start + T)
-                masks[window] = attention_mask_4d(key_mask, T, start, window)
+        masks = self.attention_masks(attention_mask, B, T, start, cache is not None)
+        x, cos, sin = self.embed_tokens(input_ids, position_ids)
+        for block, window in zip(self.blocks, self.cfg.sliding_windows, strict=True):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Recompute the block in backward instead of storing its activations.
+                x = checkpoint(block, x, cos, sin, masks[window], use_reentrant=False)
             else:
-                masks[window] = None
-        if packing is not None:
-            input_ids, position_ids = packing.tokens(input_ids), packing.tokens(position_ids)
+                x = block(x, cos, sin, masks[window], cache)
+        if cache is not None:
+            cache.length += T
+        return self.final_norm(x)
+
+    def embed_tokens(self, input_ids, position_ids):
+        """Token (plus learned position) embeddings, and RoPE's cos and sin (None with learned positions)."""
         x = self.embed(input_ids)
         cos = sin = None
         if self.pos_embed is not None:
@@ -284,30 +273,16 @@ class Transformer(nn.Module):
             freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, rotary_dim / 2)
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rotary_dim), broadcast over heads
             cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        x = self.embd_dropout(x)
-        for i, (block, window) in enumerate(zip(self.blocks, self.cfg.sliding_windows, strict=True)):
-            last = packing is not None and i == len(self.blocks) - 1
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # Recompute the block in backward instead of storing its activations.
-                x = checkpoint(block, x, cos, sin, masks[window], None, packing, last, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, masks[window], cache, packing, last)
-        if cache is not None:
-            cache.length += T
-        return self.final_norm(x)
+        return self.embd_dropout(x), cos, sin
 
-
-def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """Fresh random weights as transformers initialises them: N(0, initializer_range), zero biases, unit norms."""
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=cfg.initializer_range)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-            nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+    def attention_masks(self, attention_mask, B: int, T: int, start: int = 0, cached: bool = False) -> dict:
+        """One 4-D mask per distinct sliding window (None: no window); a mask of None means plain causal attention."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if attention_mask is None:
+            attention_mask = torch.ones(B, start + T, dtype=torch.long, device=self.embed.weight.device)
+        return {window: attention_mask_4d(attention_mask, T, start, window)
+                if padded or cached or (window is not None and start + T > window) else None
+                for window in set(self.cfg.sliding_windows)}
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -327,24 +302,21 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                logits_to_keep: int = 0, packing: Packing | None = None):
+                logits_to_keep: int = 0):
         """Logits (B, logits_to_keep, vocab) of the last `logits_to_keep` positions (all when 0), as transformers'
         argument of that name: the vocabulary projection is the largest matmul of a small model, and PPO needs it on
-        the response only. With a Packing, each distinct token is projected once."""
-        h = self.transformer(input_ids, attention_mask, position_ids, cache, packing)
-        weight = self.transformer.embed.weight if self.lm_head is None else self.lm_head.weight
-        if packing is None:
-            return F.linear(h[:, -logits_to_keep:], weight)
-        tokens, cells = packing.kept_src[:, -logits_to_keep:].unique(return_inverse=True)
-        return F.linear(h[0, tokens], weight)[cells]
+        the response only."""
+        h = self.transformer(input_ids, attention_mask, position_ids, cache)
+        return self.logits(h[:, -logits_to_keep:])
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., hidden_size) -> logits (..., vocab), through the embedding matrix when tied."""
+        return F.linear(h, self.transformer.embed.weight if self.lm_head is None else self.lm_head.weight)
 
 
 class RewardModel(nn.Module):
-    """The trunk plus a linear `score` head without bias (sequence classification, num_labels outputs).
-
-    `forward` pools at the rightmost non-pad token (pool_last_non_pad); `token_scores` keeps every position, which is
-    what PPO's value model needs.
-    """
+    """The trunk plus a linear `score` head without bias (num_labels outputs): per-token scores (`token_scores`, what
+    PPO's value model needs), pooled at the rightmost non-pad token by `forward` (sequence classification)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -352,12 +324,12 @@ class RewardModel(nn.Module):
         self.transformer = Transformer(cfg)
         self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
 
-    def token_scores(self, input_ids, attention_mask=None, position_ids=None, packing: Packing | None = None):
-        scores = self.score(self.transformer(input_ids, attention_mask, position_ids, packing=packing))
-        return scores if packing is None else scores[0][packing.kept_src]  # (B, T, num_labels), kept cells only
+    def token_scores(self, input_ids, attention_mask=None, position_ids=None, scores_to_keep: int = 0):
+        """Scores (B, scores_to_keep, num_labels) of the last `scores_to_keep` positions (all when 0)."""
+        return self.score(self.transformer(input_ids, attention_mask, position_ids)[:, -scores_to_keep:])
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, packing: Packing | None = None):
-        scores = self.token_scores(input_ids, attention_mask, position_ids, packing)
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        scores = self.token_scores(input_ids, attention_mask, position_ids)
         return pool_last_non_pad(scores, input_ids, self.cfg.pad_token_id)  # (B, num_labels)
 
 
@@ -399,28 +371,30 @@ def gather_index(responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     return responses.masked_fill(responses == pad_token_id, 0)
 
 
-def get_reward(model: RewardModel, query_responses: torch.Tensor, pad_token_id: int, context_length: int,
-               packing: Packing | None = None):
-    """Per-token scores (B, T, 1), the score (B,) at the last token before the first pad of the response part, and
-    that index (B,); the prompt's left padding is ignored, an empty response is scored at its prompt's last token."""
-    reward_logits = model.token_scores(*model_inputs(query_responses, pad_token_id), packing=packing)  # (B, T, 1)
+def get_reward(model: RewardModel, query_responses: torch.Tensor, pad_token_id: int, context_length: int):
+    """Per-token scores (B, T + 1, 1) of the positions from the last query token on (TRL returns every position; PPO
+    reads only these), the score (B,) at the last token before the first pad of the response part, and that index
+    (B,) into query_responses; the prompt's left padding is ignored, an empty response is scored at its prompt's last
+    token."""
+    T = query_responses.shape[1] - context_length
+    reward_logits = model.token_scores(*model_inputs(query_responses, pad_token_id), scores_to_keep=T + 1)
     sequence_lengths = first_true_indices(query_responses[:, context_length:] == pad_token_id) - 1 + context_length
     rows = torch.arange(len(reward_logits), device=reward_logits.device)
-    return reward_logits, reward_logits[rows, sequence_lengths].squeeze(-1), sequence_lengths
+    score = reward_logits[rows, sequence_lengths - (context_length - 1)].squeeze(-1)
+    return reward_logits, score, sequence_lengths
 
 
 class PolicyAndValue(nn.Module):
     """The policy and the value model as one module, so one optimizer and one DDP wrapper cover both (TRL's
-    PolicyAndValueWrapper): (B, T) inputs -> logits (B, logits_to_keep, vocab) of the last positions (all when 0)
-    and values (B, T) at every position."""
+    PolicyAndValueWrapper): (B, T) inputs -> logits (B, logits_to_keep, vocab) and values (B, logits_to_keep) of the
+    last positions (all when 0); no values without a value model."""
 
     def __init__(self, policy: CausalLM, value_model: RewardModel | None):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0, packing: Packing | None = None):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
         values = None  # critic-free estimators have no value model
         if self.value_model is not None:
-            values = self.value_model.token_scores(input_ids, attention_mask, position_ids, packing).squeeze(-1)
-        policy = self.policy(input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep, packing=packing)
-        return policy, values
+            values = self.value_model.token_scores(input_ids, attention_mask, position_ids, logits_to_keep).squeeze(-1)
+        return self.policy(input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep), values

@@ -14,7 +14,7 @@ PPOConfig keeps TRL's names and defaults. TRL keys left out, accepted only at TR
 Outputs in `output_dir`: the policy (Hugging Face causal-LM layout, with the tokenizer), the value model ("gae"
 only) in `value_model/` (sequence-classification layout), `checkpoint-<update>/` folders, `metrics.jsonl` (TRL's
 keys, one line per update), `completions.jsonl` (sample completions on the eval prompts) and `config.toml`.
-Critic-free estimators, reward functions: minirlhf/advantages.py and the README.
+Critic-free estimators, reward functions: minirlhf/advantages.py and docs/estimators.md.
 
 Departures from TRL, each marked at its line: one optimizer step per minibatch whatever the gradient accumulation
 (TRL's accelerate cadence differs when GA > 1, see `ppo_update`); gradient checkpointing, bf16/fp16 autocast and
@@ -28,6 +28,7 @@ ZeRO-3 instead). Sampling gathers the whole policy on each rank first, as TRL's 
 the sharded reward model scores sample completions with every rank taking part, so every rank computes them.
 """
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,31 +40,31 @@ import torch
 from torch import nn
 
 from minirlhf.advantages import ESTIMATORS, compute_advantages, policy_loss
-from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, gather, keep_records_up_to
-from minirlhf.config import TrainingConfig, exit_on_bad_input, import_function, require
 from minirlhf.data import prompt_batches
-from minirlhf.lora import adapters_disabled, check_lora, merged, save_adapter
-from minirlhf.losses import INVALID_LOGPROB, entropy_from_logits, logprobs_from_logits, ppo_value_loss
+from minirlhf.infra.completions import Stopwatch, add_text_scores, log_sample_completions
+from minirlhf.infra.config import TrainingConfig, exit_on_bad_input, import_function, require
+from minirlhf.infra.lora import LoraArgs, adapters_disabled
+from minirlhf.infra.metrics import MetricsLogger, keep_records_up_to
+from minirlhf.infra.parallel import all_reduce, cleanup_distributed, gather, gathered_weights, gradient_sync, print0
+from minirlhf.infra.ppo_setup import load
+from minirlhf.infra.run import (
+    autocast,
+    check_finite,
+    check_update,
+    checkpoint_or_stop,
+    prepare,
+    save_final,
+    scheduled_lr,
+    start,
+)
+from minirlhf.losses import INVALID_LOGPROB, KL_ESTIMATORS, entropy_from_logits, logprobs_from_logits, ppo_value_loss
 from minirlhf.model import PolicyAndValue, gather_index, model_inputs
 from minirlhf.optim import set_lr, steps_from
-from minirlhf.packing import rollout_packing
-from minirlhf.parallel import gradient_sync
-from minirlhf.rlsetup import load
-from minirlhf.rollout import (
-    Stopwatch,
-    log_completions,
-    reward_model_scores,
-    sample_completions,
-    sample_responses,
-    score_responses,
-    text_scores,
-    weighted_sum,
-)
-from minirlhf.training import Run, check_finite, check_update, prepare, save, save_final, scheduled_lr, start, stop_now
+from minirlhf.rollout import sample_responses, score_responses
 
 
 @dataclass
-class PPOConfig(TrainingConfig):
+class PPOConfig(LoraArgs, TrainingConfig):
     """PPO (TRL experimental PPOConfig: TrainingArguments + TRL's defaults + the fields below)."""
 
     trl_defaults_only: ClassVar[dict[str, object]] = {
@@ -99,7 +100,8 @@ class PPOConfig(TrainingConfig):
     local_rollout_forward_batch_size: int = 64
     """sequences per rank per no-grad forward (generation, reference, value and reward)"""
     padding_free: bool = True
-    """minirlhf: forwards of query + response skip left pads and pads after the stop (packing.py); same results"""
+    """minirlhf: forwards of query + response skip left pads and pads after the stop (infra/packing.py); same
+    results"""
     response_length: int = 53
     """new tokens sampled per prompt (max_new_tokens)"""
     temperature: float = 0.7
@@ -141,32 +143,15 @@ class PPOConfig(TrainingConfig):
     weighted and added to the reward model's score (or alone, without reward_model_path)"""
     reward_weights: list[float] | None = None
     """one weight per reward function (TRL's name); None: all 1.0"""
-    use_peft: bool = False
-    """TRL ModelConfig: train LoRA adapters on the policy (minirlhf/lora.py); the reference is the policy with its
-    adapters off. Saves the adapter (PEFT layout) and the merged model in merged/; checkpoints hold the adapter"""
-    lora_r: int = 16
-    """LoRA rank (TRL's default)"""
-    lora_alpha: int = 32
-    """LoRA scaling numerator: the update is (lora_alpha / lora_r) B A (TRL's default)"""
-    lora_dropout: float = 0.05
-    """dropout on the adapters' input (TRL's default)"""
-    lora_target_modules: list[str] | None = None
-    """Linear layers to adapt, by name; None: ["q_proj", "v_proj"], PEFT's choice for Llama-like models"""
     metric_funcs: list[str] | None = None
     """minirlhf: "package.module:function" text functions (TRL's reward-function arguments) whose mean score is logged
-    as objective/<function>, e.g. ["minirlhf.toytask:gold_score"]; they do not enter the reward"""
+    as objective/<function>, e.g. ["minirlhf.infra.toytask:gold_score"]; they do not enter the reward"""
 
     # ---- filled at runtime by set_runtime_sizes (PPOTrainer.__init__ in TRL); cannot be set in a config
-    world_size: int | None = field(default=None, init=False)
-    """number of processes (ranks)"""
     local_batch_size: int | None = field(default=None, init=False)
     """rollouts per rank per PPO update: HF's per_device_train_batch_size * gradient_accumulation_steps"""
-    micro_batch_size: int | None = field(default=None, init=False)
-    """sequences per forward/backward over all ranks: HF's per_device_train_batch_size * world_size"""
     batch_size: int | None = field(default=None, init=False)
     """rollouts per PPO update over all ranks: local_batch_size * world_size"""
-    mini_batch_size: int | None = field(default=None, init=False)
-    """rollouts per optimizer step over all ranks: batch_size / num_mini_batches"""
     local_mini_batch_size: int | None = field(default=None, init=False)
     """rollouts per optimizer step per rank: local_batch_size / num_mini_batches"""
     num_total_batches: int | None = field(default=None, init=False)
@@ -185,7 +170,8 @@ class PPOConfig(TrainingConfig):
         # TRL tests `stop_token and stop_token_id`, so it lets stop_token_id=0 through; we test for None.
         require(self.stop_token is None or self.stop_token_id is None, "stop_token",
                 "set stop_token or stop_token_id, not both")
-        require(self.kl_estimator in ("k1", "k3"), "kl_estimator", f"{self.kl_estimator!r} is not 'k1' or 'k3'")
+        require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator",
+                f"{self.kl_estimator!r} is not one of {KL_ESTIMATORS}")
         for spec in self.metric_funcs or []:
             import_function(spec, "metric_funcs")
         names = [import_function(spec, "reward_funcs").__name__ for spec in self.reward_funcs or []]
@@ -198,7 +184,6 @@ class PPOConfig(TrainingConfig):
                 f"{self.advantage_estimator!r} is not one of {', '.join(ESTIMATORS)}")
         least = 2 if self.advantage_estimator in ("rloo", "grpo") else 1  # a group baseline needs two samples
         require(self.num_generations >= least, "num_generations", f"must be >= {least}, got {self.num_generations}")
-        check_lora(self)
         require(self.value_model_path is None or self.advantage_estimator == "gae", "value_model_path",
                 f"advantage_estimator {self.advantage_estimator!r} has no value model")
         require(self.save_strategy != "epoch", "save_strategy", "PPO saves every save_steps updates ('steps') or 'no'")
@@ -207,18 +192,16 @@ class PPOConfig(TrainingConfig):
         """Fill the runtime block from the number of ranks and prompts, as TRL's PPOTrainer.__init__ does."""
         if self.total_episodes is None:  # episodes given in epochs; an episode is a rollout, k per prompt
             self.total_episodes = int(self.num_train_epochs * train_dataset_len * self.num_generations)
-        self.world_size = world_size
         self.local_batch_size = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        self.micro_batch_size = self.per_device_train_batch_size * world_size
         self.batch_size = self.local_batch_size * world_size
         require(self.local_batch_size % self.num_generations == 0, "num_generations",
                 f"local_batch_size = {self.local_batch_size} is not a multiple of num_generations = "
                 f"{self.num_generations}")
-        for key, of in (("mini_batch_size", "batch_size"), ("local_mini_batch_size", "local_batch_size")):
+        for of in ("batch_size", "local_batch_size"):  # TRL checks both (its mini_batch_size is unused here)
             size = getattr(self, of)
             require(size % self.num_mini_batches == 0, "num_mini_batches",
                     f"{of} = {size} is not a multiple of num_mini_batches = {self.num_mini_batches}")
-            setattr(self, key, size // self.num_mini_batches)
+        self.local_mini_batch_size = self.local_batch_size // self.num_mini_batches
         require(not self.whiten_rewards or self.local_mini_batch_size >= 8, "whiten_rewards",
                 f"needs local_mini_batch_size >= 8 for whitening, got {self.local_mini_batch_size}")
         self.num_total_batches = math.ceil(self.total_episodes / self.batch_size)
@@ -231,29 +214,28 @@ def main(argv: list[str] | None = None) -> None:
     run = start(PPOConfig, argv)
     args, device, rank = run.args, run.dist.device, run.dist.rank
     with exit_on_bad_input():
-        tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model, reward_tokenizer, \
-            conversations = load(args, run)
-    scoring = dict(reward_tokenizer=reward_tokenizer, conversations=conversations)  # how texts are scored
+        setup = load(args, run)  # tokenizer, prompts, the four models, reward and metric functions
+    tokenizer, policy, ref_policy, value_model = setup.tokenizer, setup.policy, setup.ref_policy, setup.value_model
+    reward_model_on_ids = setup.reward_model if setup.reward_tokenizer is None else None  # else: it reads the texts
     pad_token_id, eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     stop_token_id = eos_token_id if args.stop_token == "eos" else args.stop_token_id
-    metric_funcs = {spec.rpartition(":")[2]: import_function(spec, "metric_funcs") for spec in args.metric_funcs or []}
-    reward_funcs = {spec.rpartition(":")[2]: import_function(spec, "reward_funcs") for spec in args.reward_funcs or []}
-    reward_weights = dict(zip(reward_funcs, args.reward_weights or [1.0] * len(reward_funcs), strict=True))
     torch.manual_seed(args.local_seed)  # TRL: each rank samples from its own seed
     model = PolicyAndValue(policy, value_model).train()  # one optimizer, one DDP wrapper for both (TRL's wrapper)
     saved = {"": policy, **({"value_model": value_model} if value_model is not None else {})}
-    train_model, optimizer, state = prepare(run, model, saved, sharded=tuple(
-        m for m in (policy, value_model, ref_policy, reward_model) if m is not None))
-    state = state or {"step": 0}
+    train_model, optimizer, state = prepare(run, model, tokenizer, {"step": 0}, saved, sharded=tuple(
+        m for m in (policy, value_model, ref_policy, setup.reward_model) if m is not None))
     save_steps = steps_from(args.save_steps, args.num_total_batches)
+    print0(f"[minirlhf] {args.num_total_batches} updates of {args.batch_size} rollouts ({args.local_batch_size} per "
+           f"rank), {args.num_mini_batches} minibatches of {args.local_mini_batch_size} per rank, micro-batches of "
+           f"{args.per_device_train_batch_size}")
     logger = MetricsLogger(args, run.dist.is_main, args.num_total_batches, state["step"])
     if run.dist.is_main:
         keep_records_up_to(Path(args.output_dir) / "completions.jsonl", state["step"])
     start_update, start_time = state["step"], time.time()
     seed = args.seed if args.data_seed is None else args.data_seed  # TRL's PPO has no data_seed
     k = args.num_generations  # each prompt is sampled k times: local_batch_size / k prompts per update
-    batches = prompt_batches(train_dataset, args.local_batch_size // k, pad_token_id, seed, rank, run.dist.world_size,
-                             start=start_update)
+    batches = prompt_batches(setup.train_dataset, args.local_batch_size // k, pad_token_id, seed, rank,
+                             run.dist.world_size, start=start_update)
 
     for update in range(start_update + 1, args.num_total_batches + 1):
         episode = update * args.batch_size
@@ -264,64 +246,39 @@ def main(argv: list[str] | None = None) -> None:
 
         # rollouts (no grad): sampling, then Response Processing 1-2 (reference logprobs, values, scores)
         clock = Stopwatch(device)
-        query_responses, logprobs = sample_responses(policy, queries, args, pad_token_id, stop_token_id,
-                                                     run.precision)
+        with autocast(device, run.precision), gathered_weights(policy, args.fsdp):  # FSDP: the whole policy, once
+            query_responses, logprobs = sample_responses(policy, queries, args, pad_token_id, stop_token_id)
         clock.lap("generation")
-        with adapters_disabled(policy):  # LoRA: the reference is the policy without its adapters (else: no-op)
-            rollouts = score_responses(ref_policy or policy, value_model,
-                                       reward_model if reward_tokenizer is None else None, queries, query_responses,
-                                       logprobs, args, pad_token_id, stop_token_id, run.precision)
-        if reward_tokenizer is not None:  # the reward model reads the texts, rendered again for its tokenizer
-            rollouts["raw_scores"] = reward_model_scores(reward_model, reward_tokenizer, tokenizer, queries,
-                                                         rollouts["postprocessed_responses"], conversations,
-                                                         run.precision)
+        with autocast(device, run.precision), adapters_disabled(policy):  # LoRA: the reference is the base policy
+            rollouts = score_responses(ref_policy or policy, value_model, reward_model_on_ids, queries,
+                                       query_responses, logprobs, args, pad_token_id, stop_token_id)
         # the texts' scores: reward functions enter the score with their weights, metric functions are only logged
-        extra = text_scores({**metric_funcs, **reward_funcs}, tokenizer, queries, rollouts["postprocessed_responses"],
-                            conversations)
-        if reward_funcs:
-            rollouts["raw_scores"] = rollouts["raw_scores"] + weighted_sum(extra, reward_weights, device)
+        text_scores = add_text_scores(rollouts, setup, queries, run.precision)
         clock.lap("scoring")
         # Response Processing 3 (EOS penalty), 4. compute rewards, 5. whiten rewards, 6. advantages and returns
         batch = compute_advantages(rollouts, args, eos_token_id)
-        # PPO epochs over minibatches, one optimizer step each
+        # PPO epochs over minibatches, one optimizer step each (or none where on_nonfinite stops or skips it)
+        guard = functools.partial(check_finite, run)
         stats = ppo_update(train_model, optimizer, batch, args, pad_token_id, minibatch_orders(args, update),
-                           run.precision, run, update)
+                           run.precision, guard, update)
         clock.lap("update")
 
-        # log every update, save on save_steps, sample completions every sample_generations_freq updates
+        # log every update, sample completions every sample_generations_freq updates, save on save_steps
         eps = int((update - start_update) * args.batch_size / (time.time() - start_time))
-        logger.log({"eps": eps, **update_metrics(batch, stats, eos_token_id, extra), **clock.metrics(batch), "lr": lr,
-                    **({"skipped_steps": run.skipped} if run.skipped else {}),  # on_nonfinite = "skip"
-                    "episode": episode, "epoch": episode / (k * len(train_dataset)), "step": update})
+        logger.log({"eps": eps, **update_metrics(batch, stats, eos_token_id, text_scores), **clock.metrics(batch),
+                    "lr": lr, **run.skipped_steps(), "episode": episode,
+                    "epoch": episode / (k * len(setup.train_dataset)), "step": update})
         logger.update()
-        check_update(run, update, model)  # before saving: nan/inf weights stop the run
-        stopping = run.stop.requested(device)  # SIGTERM/SIGINT on any rank: save now and exit
-        due = args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches)
-        if stopping or due:
-            save(run, update, saved, tokenizer, optimizer, {"step": update, "episode": episode})
-        # rank 0 samples alone; sharded models need every rank, which then all compute the same completions
-        if (run.dist.is_main or args.fsdp) and eval_dataset and (update - 1) % args.sample_generations_freq == 0:
-            rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id,
-                                      run.precision, {**metric_funcs, **reward_funcs}, reward_weights, num_batches=1,
-                                      **scoring)
-            if run.dist.is_main:
-                log_completions(rows, update, args.output_dir)
-        if stopping:  # after this update's completions, which a resumed run does not repeat
-            stop_now(run, update, logger)
+        check_update(run, update, model)  # nan/inf weights stop the run, before anything of them is saved
+        if args.sample_generations_freq and (update - 1) % args.sample_generations_freq == 0:
+            log_sample_completions(setup, args, run, update, num_batches=1)
+        scheduled = args.save_strategy == "steps" and (update % save_steps == 0 or update == args.num_total_batches)
+        checkpoint_or_stop(run, update, scheduled, {"step": update, "episode": episode}, logger)
 
-    # the policy (TRL's save_model), the value model (TRL drops it) and final completions (TRL's ppo.py)
+    # final completions (TRL's ppo.py), then the policy (TRL's save_model) and the value model (TRL drops it)
     logger.close()
-    if args.use_peft:  # the adapter in PEFT's layout, the merged policy in merged/ (and the value model)
-        save_final(run, {"merged": merged(policy), **{k: v for k, v in saved.items() if k}}, tokenizer)
-        if run.dist.is_main:
-            save_adapter(policy, args.output_dir, args.lora_r, args.lora_alpha, args.lora_dropout, args.sft_model_path)
-    else:
-        save_final(run, saved, tokenizer)
-    if (run.dist.is_main or args.fsdp) and eval_dataset:
-        rows = sample_completions(policy, reward_model, tokenizer, eval_dataset, args, stop_token_id, run.precision,
-                                  {**metric_funcs, **reward_funcs}, reward_weights, **scoring)
-        if run.dist.is_main:
-            log_completions(rows, args.num_total_batches, args.output_dir)
+    log_sample_completions(setup, args, run, args.num_total_batches)
+    save_final(run, args.sft_model_path)
     cleanup_distributed()
 
 
@@ -338,11 +295,13 @@ def minibatch_orders(args: PPOConfig, update: int) -> list[torch.Tensor]:
 
 
 STATS = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
+UPDATE_KEYS = ("responses", "query_responses", "advantages", "logprobs", "ref_logprobs", "padding_mask",
+               "returns", "values", "padding_mask_p1")  # what the update reads of a batch; the last three: "gae" only
 
 
 def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: PPOConfig,
-               pad_token_id: int, minibatch_orders: list[torch.Tensor], precision: torch.dtype | None = None,
-               run: Run | None = None, update: int = 0) -> dict[str, torch.Tensor]:
+               pad_token_id: int, epoch_orders: list[torch.Tensor], precision: torch.dtype | None = None,
+               guard=None, update: int = 0) -> dict[str, torch.Tensor]:
     """PPO epochs (TRL: "Do multiple epochs of PPO training, with a fresh random shuffle in each epoch") over `batch`
     from compute_advantages, with one permutation of its rows per epoch.
     `model` is a PolicyAndValue: plain, DDP-wrapped or FSDP-sharded. Returns each statistic per micro-batch, shaped
@@ -353,21 +312,18 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     gradient_accumulation_steps = 1. With GA > 1 accelerate counts micro-batches across minibatches instead:
     with num_mini_batches > 1 TRL steps once per PPO epoch and leaves statistic slots at 0, and during the last batch
     of a dataloader epoch it steps after every micro-batch.
-    `run` (main's; None in tests and benchmarks: no check) and `update`: a minibatch whose loss or gradient norm is
-    nan/inf on any rank stops the run or, under on_nonfinite = "skip", is not stepped (AdamW's state untouched).
+    `guard(where, values)` (main's check_finite; None: step regardless) decides whether a minibatch whose loss or
+    gradient norm is nan/inf on any rank is stepped: it stops the run, or under on_nonfinite = "skip" returns False
+    (AdamW's state untouched); `update` names the update in its message.
     """
-    query_responses, responses = batch["query_responses"], batch["responses"]
-    context_length = query_responses.shape[1] - responses.shape[1]
-    device = query_responses.device
+    responses = batch["responses"]
+    device = responses.device
     micro_starts = range(0, args.local_mini_batch_size, args.per_device_train_batch_size)
-    stats_shape = (len(minibatch_orders), args.num_mini_batches, len(micro_starts))
+    stats_shape = (len(epoch_orders), args.num_mini_batches, len(micro_starts))
+    stats = {key: torch.zeros(stats_shape, device=device) for key in STATS}
     critic = "values" in batch  # only "gae" has a value model
-    keys = ["responses", "query_responses", "advantages", "logprobs", "ref_logprobs", "padding_mask",
-            *(["returns", "values", "padding_mask_p1"] if critic else [])]
-    stats = {key: torch.zeros(stats_shape, device=device) for key in STATS if critic or not key.startswith("vf_")}
-    inner = getattr(model, "module", model)  # DDP wraps the PolicyAndValue
-    models = (inner.policy, inner.value_model)
-    for ppo_epoch_idx, b_inds in enumerate(minibatch_orders):
+    keys = [key for key in UPDATE_KEYS if key in batch]
+    for ppo_epoch_idx, b_inds in enumerate(epoch_orders):
         for minibatch_idx, mini_batch_start in enumerate(range(0, args.local_batch_size, args.local_mini_batch_size)):
             mini_batch_inds = b_inds[mini_batch_start : mini_batch_start + args.local_mini_batch_size]
             for gradient_accumulation_idx, micro_batch_start in enumerate(micro_starts):
@@ -375,45 +331,41 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                 micro_batch_inds = mini_batch_inds[micro_batch_start:micro_batch_end]
                 mb = {key: batch[key][micro_batch_inds] for key in keys}
                 mb_responses, mb_query_responses = mb["responses"], mb["query_responses"]
-                packing = rollout_packing(mb_query_responses, pad_token_id, context_length, *models) if (
-                    args.padding_free) else None
+                cell = (ppo_epoch_idx, minibatch_idx, gradient_accumulation_idx)
 
                 # DDP/FSDP average gradients over ranks once per minibatch, on its last micro-batch
-                last = gradient_accumulation_idx == len(micro_starts) - 1
-                with gradient_sync(model, last):
+                with gradient_sync(model, gradient_accumulation_idx == len(micro_starts) - 1):
                     with autocast(device, precision):
-                        # logits only where a response token is predicted (TRL projects every position)
+                        # logits and values only where a response token is predicted (TRL computes every position)
                         output, vpred_temp = model(*model_inputs(mb_query_responses, pad_token_id),
-                                                   logits_to_keep=responses.shape[1] + 1, packing=packing)
+                                                   logits_to_keep=responses.shape[1] + 1)
                     logits = output[:, :-1].float() / (args.temperature + 1e-7)  # (b, T, V)
                     new_logprobs = logprobs_from_logits(logits, gather_index(mb_responses, pad_token_id))
                     new_logprobs = new_logprobs.masked_fill(mb["padding_mask"], INVALID_LOGPROB)
                     pg_loss, pg_clipfrac, ratio = policy_loss(new_logprobs, mb, args)
                     loss = pg_loss
-                    if critic:
-                        vpred = vpred_temp[:, context_length - 1 : -1].float().masked_fill(mb["padding_mask_p1"], 0)
+                    if critic:  # "gae": the value model learns beside the policy
+                        vpred = vpred_temp[:, :-1].float().masked_fill(mb["padding_mask_p1"], 0)  # (b, T)
                         vf_loss, vf_clipfrac = ppo_value_loss(vpred, mb["values"], mb["returns"],
                                                               mb["padding_mask_p1"], args.cliprange_value)
                         loss = pg_loss + args.vf_coef * vf_loss
+                        stats["vf_loss"][cell], stats["vf_clipfrac"][cell] = vf_loss.detach(), vf_clipfrac
                     (loss / len(micro_starts)).backward()
                 with torch.no_grad():
-                    cell = (ppo_epoch_idx, minibatch_idx, gradient_accumulation_idx)
+                    # approxkl = 0.5 * E[(log ratio)^2] (Schulman 2020's k2; TRL ppo_trainer.py)
                     stats["approxkl"][cell] = 0.5 * ((new_logprobs - mb["logprobs"]) ** 2).mean()
                     stats["pg_clipfrac"][cell] = pg_clipfrac
                     stats["pg_loss"][cell] = pg_loss
-                    if critic:
-                        stats["vf_loss"][cell] = vf_loss
-                        stats["vf_clipfrac"][cell] = vf_clipfrac
                     stats["entropy"][cell] = entropy_from_logits(logits).mean()
                     stats["ratio"][cell] = ratio.mean()
             # TRL never clips in PPO; max_grad_norm = 0 leaves the gradients as they are, but gives their norm
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-            losses = {k: stats[k][ppo_epoch_idx, minibatch_idx].sum() for k in ("pg_loss", "vf_loss") if k in stats}
+            losses = {k: stats[k][ppo_epoch_idx, minibatch_idx].sum() for k in ("pg_loss", "vf_loss")}
             where = f"{update} (PPO epoch {ppo_epoch_idx + 1}, minibatch {minibatch_idx + 1})"
-            if run is None or check_finite(run, where, {**losses, "grad_norm": grad_norm}):  # or stop, or skip
+            if guard is None or guard(where, {**losses, "grad_norm": grad_norm}):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return stats
+    return stats if critic else {key: value for key, value in stats.items() if not key.startswith("vf_")}
 
 
 @torch.no_grad()

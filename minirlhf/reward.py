@@ -12,46 +12,46 @@ RewardConfig keeps TRL's names and defaults. TRL keys left out, accepted only at
 never runs Hub code), `dataset_num_proc` (tokenization runs in the main process; there is no `datasets.map`).
 """
 
-import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, print0
-from minirlhf.config import TrainingConfig, exit_on_bad_input, require
-from minirlhf.data import collate_preference, load_rows, prepare_preference_dataset, rank_batches
-from minirlhf.hf import load_pretrained
-from minirlhf.lora import LORA_DEFAULT, add_lora, check_lora, merged, save_adapter
-from minirlhf.losses import reward_loss, reward_metrics
-from minirlhf.model import RewardModel, disable_dropout, last_non_pad
-from minirlhf.optim import set_lr, steps_from
-from minirlhf.packing import Packing, pair_packing
-from minirlhf.parallel import gradient_sync
-from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import (
+from minirlhf.data import collate_preference, prepare_preference_dataset, rank_batches
+from minirlhf.infra.config import TrainingConfig, exit_on_bad_input, require
+from minirlhf.infra.files import load_rows
+from minirlhf.infra.hf import load_pretrained
+from minirlhf.infra.lora import LoraArgs, add_lora
+from minirlhf.infra.metrics import LogWindow, MetricsLogger
+from minirlhf.infra.packing import PaddingFreeRewardModel
+from minirlhf.infra.parallel import all_reduce, cleanup_distributed, gradient_sync, print0
+from minirlhf.infra.run import (
     Run,
+    autocast,
+    checkpoint_or_stop,
     count_steps,
     due,
     optimizer_step,
     prepare,
-    save,
     save_final,
     scheduled_lr,
     start,
-    stop_now,
 )
+from minirlhf.infra.tokenizer import Tokenizer
+from minirlhf.losses import reward_loss, reward_metrics
+from minirlhf.model import RewardModel, disable_dropout
+from minirlhf.optim import set_lr, steps_from
 
 
 @dataclass
-class RewardConfig(TrainingConfig):
+class RewardConfig(LoraArgs, TrainingConfig):
     """Reward-model training (TRL RewardConfig: TrainingArguments + TRL's defaults + the fields below)."""
 
     trl_defaults_only: ClassVar[dict[str, object]] = {
-        "model_init_kwargs": None, "trust_remote_code": False, "dataset_num_proc": None,
+        "model_init_kwargs": None, "trust_remote_code": False, "dataset_num_proc": None, "activation_offloading": False,
     }
 
     learning_rate: float = 1e-4
@@ -70,28 +70,14 @@ class RewardConfig(TrainingConfig):
     """set every dropout probability in the model to 0"""
     center_rewards_coefficient: float | None = None
     """weight of the mean-zero reward penalty (Eisenstein et al. 2023, Eq. 2; 0.01 recommended); None: off"""
-    activation_offloading: bool = False
-    """keep activations saved for backward in CPU memory (torch.autograd.graph.save_on_cpu); no effect on CPU"""
-    use_peft: bool = False
-    """TRL ModelConfig: train LoRA adapters and the score head (PEFT's SEQ_CLS modules_to_save); saves the adapter
-    (PEFT layout) and merged/"""
-    lora_r: int = 16
-    """LoRA rank (TRL's default)"""
-    lora_alpha: int = 32
-    """LoRA scaling numerator: the update is (lora_alpha / lora_r) B A (TRL's default)"""
-    lora_dropout: float = 0.05
-    """dropout on the adapters' input (TRL's default; disable_dropout turns it off too)"""
-    lora_target_modules: list[str] | None = None
-    """Linear layers to adapt, by name; None: ["q_proj", "v_proj"], PEFT's choice for Llama-like models"""
     padding_free: bool = True
-    """minirlhf: compute no pads (packing.py); the results are the padded batch's, with less arithmetic"""
+    """minirlhf: compute no pads (infra/packing.py); the results are the padded batch's, with less arithmetic"""
     shared_prefix: bool = True
     """minirlhf: with padding_free, compute the leading tokens a pair's sides share (the prompt) once; off by itself
     while dropout is on (one dropout draw would serve both sides)"""
 
     def __post_init__(self):
         super().__post_init__()
-        check_lora(self)
         for key in ("max_length", "pad_to_multiple_of"):
             value = getattr(self, key)
             require(value is None or value >= 1, key, f"must be >= 1 or none, got {value!r}")
@@ -108,20 +94,18 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer, train_dataset, eval_dataset = load(args, device)
         n_batches, steps_per_epoch, total_steps = count_steps(args, len(train_dataset), run.dist.world_size)
     # Training state: everything a resumed run needs to continue bit for bit (the data order is a function of the
-    # epoch, so a position in it is enough); window_*: what the next log averages.
-    train_model, optimizer, state = prepare(run, model, {"": model}, new_state={
-        "step": 0, "epoch": 0, "group": 0, "num_tokens": 0, "window_loss": 0.0, "total_loss": 0.0, "last_logged": 0,
-        "window": {}})
+    # epoch, so a position in it is enough); window: what the next log averages.
+    train_model, optimizer, state = prepare(run, model, tokenizer, new_state={
+        "step": 0, "epoch": 0, "group": 0, "num_tokens": 0, "window": asdict(LogWindow())})
+    window = LogWindow(**state["window"])
 
     world, per_device, ga = run.dist.world_size, args.per_device_train_batch_size, args.gradient_accumulation_steps
-    global_batch = per_device * world
     logging_steps, eval_steps, save_steps = (steps_from(args.logging_steps, total_steps),
                                              steps_from(args.eval_steps or 1, total_steps),
                                              steps_from(args.save_steps, total_steps))
-    print0(f"[minirlhf] {len(train_dataset)} pairs, {n_batches} batches of {global_batch} per epoch, "
+    print0(f"[minirlhf] {len(train_dataset)} pairs, {n_batches} batches of {per_device * world} per epoch, "
            f"{total_steps} optimizer steps ({steps_per_epoch} per epoch)")
     logger = MetricsLogger(args, run.dist.is_main, total_steps, state["step"])
-    offload = torch.autograd.graph.save_on_cpu if args.activation_offloading else contextlib.nullcontext
     seed = args.seed if args.data_seed is None else args.data_seed
 
     start_time, epoch_float = time.time(), float(state["epoch"])
@@ -139,10 +123,9 @@ def main(argv: list[str] | None = None) -> None:
                 batch = {k: v.to(device) for k, v in collate_preference(
                     [train_dataset[j] for j in indices], tokenizer.pad_token_id, args.pad_to_multiple_of).items()}
                 # gradients are averaged over ranks once per optimizer step, in the last micro-batch's backward
-                with gradient_sync(train_model, i == len(groups[g]) - 1), offload():
+                with gradient_sync(train_model, i == len(groups[g]) - 1):
                     with autocast(device, run.precision):
-                        rewards = train_model(batch["input_ids"], batch["attention_mask"],
-                                              packing=batch_packing(batch, args, model)).squeeze(-1).float()  # (2B,)
+                        rewards = train_model(batch["input_ids"], batch["attention_mask"]).squeeze(-1).float()  # (2B,)
                     rewards_chosen, rewards_rejected = rewards.chunk(2)  # (B,), (B,)
                     loss = reward_loss(rewards_chosen, rewards_rejected, batch.get("margin"),
                                        args.center_rewards_coefficient)
@@ -150,15 +133,14 @@ def main(argv: list[str] | None = None) -> None:
                     (loss / len(groups[g])).backward()
                 micro_loss = all_reduce(loss.detach() / len(groups[g])).item()
                 step_loss += micro_loss
-                state["window_loss"] += micro_loss  # per micro-batch, as transformers sums tr_loss
+                window.add(micro_loss, batch_metrics(rewards_chosen, rewards_rejected))
                 state["num_tokens"] += int(all_reduce(batch["attention_mask"].sum(), "sum").item())
-                for key, value in batch_metrics(rewards_chosen, rewards_rejected).items():
-                    state["window"].setdefault(key, []).append(value)
             # 3. clip (the norm before clipping is logged), then step with the scheduled learning rate
             lr = scheduled_lr(args, state["step"], total_steps)
             set_lr(optimizer, lr)
-            grad_norm = optimizer_step(run, model, optimizer, state["step"] + 1, step_loss)  # or stop, or skip
+            grad_norm = optimizer_step(run, model, state["step"] + 1, step_loss)  # or stop, or skip
             state["step"] += 1
+            window.steps += 1
             state["epoch"], state["group"] = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
             epoch_float = epoch + min((g + 1) * ga, len(batches)) / len(batches)
             logger.update()
@@ -166,41 +148,27 @@ def main(argv: list[str] | None = None) -> None:
             # 4. log, evaluate and save on the transformers schedule (DefaultFlowCallback; "steps" also at the end)
             step, done, epoch_end = state["step"], state["step"] >= total_steps, g + 1 == len(groups)
             if due(args.logging_strategy, step, logging_steps, epoch_end) or (args.logging_first_step and step == 1):
-                window = state["window"]
-                skipped = {"skipped_steps": run.skipped} if run.skipped else {}  # on_nonfinite = "skip"
-                logger.log({"loss": state["window_loss"] / (step - state["last_logged"]), "grad_norm": grad_norm,
-                            "learning_rate": lr, "num_tokens": state["num_tokens"],
-                            **{k: sum(v) / len(v) for k, v in window.items()}, **skipped, "epoch": epoch_float,
+                means = window.pop()
+                logger.log({"loss": means.pop("loss"), "grad_norm": grad_norm, "learning_rate": lr,
+                            "num_tokens": state["num_tokens"], **means, **run.skipped_steps(), "epoch": epoch_float,
                             "step": step})
-                state["total_loss"] += state["window_loss"]
-                state["window_loss"], state["last_logged"], state["window"] = 0.0, step, {}
             if due(args.eval_strategy, step, eval_steps, epoch_end) or (args.eval_strategy == "steps" and done):
                 metrics = evaluate(train_model, eval_dataset, args, run, tokenizer.pad_token_id)
                 logger.log({**metrics, "eval_num_tokens": state["num_tokens"], "epoch": epoch_float, "step": step})
-            stopping = run.stop.requested(device)  # SIGTERM/SIGINT on any rank: save now and exit
-            if stopping or due(args.save_strategy, step, save_steps, epoch_end) or (
-                    args.save_strategy == "steps" and done):
-                save(run, step, {"": model}, tokenizer, optimizer, state)
-            if stopping:
-                stop_now(run, step, logger)
+            state["window"] = asdict(window)
+            checkpoint_or_stop(run, step, due(args.save_strategy, step, save_steps, epoch_end) or (
+                args.save_strategy == "steps" and done), state, logger)
             if done:
                 break
 
     # 5. the closing record (transformers' train_* keys) and the final model in Hugging Face layout
     runtime = time.time() - start_time
-    state["total_loss"] += state["window_loss"]
-    logger.log({"train_runtime": runtime, "train_samples_per_second": total_steps * global_batch * ga / runtime,
-                "train_steps_per_second": total_steps / runtime, "train_loss": state["total_loss"] / total_steps,
-                **{k: sum(v) / len(v) for k, v in state["window"].items()}, "epoch": epoch_float,
-                "step": state["step"]})
+    logger.log({"train_runtime": runtime, "train_samples_per_second": total_steps * per_device * world * ga / runtime,
+                "train_steps_per_second": total_steps / runtime,
+                "train_loss": (window.total_loss + window.loss) / total_steps, **window.metric_means(),
+                "epoch": epoch_float, "step": state["step"]})
     logger.close()
-    if args.use_peft:  # the adapter (and score head) in PEFT's layout, the merged model in merged/
-        save_final(run, {"merged": merged(model)}, tokenizer)
-        if run.dist.is_main:
-            save_adapter(model, args.output_dir, args.lora_r, args.lora_alpha, args.lora_dropout,
-                         args.model_name_or_path)
-    else:
-        save_final(run, {"": model}, tokenizer)
+    save_final(run, args.model_name_or_path)
     cleanup_distributed()
 
 
@@ -212,15 +180,18 @@ def load(args: RewardConfig, device: torch.device):
     """Model, tokenizer and tokenized datasets, in TRL's order (`RewardTrainer.__init__`)."""
     require(args.model_name_or_path is not None, "model_name_or_path", "is required")
     require(args.dataset_name is not None, "dataset_name", "is required")
-    model = load_pretrained(RewardModel, args.model_name_or_path, revision=args.model_revision, dtype=args.dtype,
-                            device=device, new_model="model_name_or_path")
+    # padding_free: the same model, with forwards that compute no pads (infra/packing.py)
+    model = load_pretrained(PaddingFreeRewardModel if args.padding_free else RewardModel, args.model_name_or_path,
+                            revision=args.model_revision, dtype=args.dtype, device=device, new_model=True)
+    if args.padding_free:
+        model.shared_prefix = args.shared_prefix
     tokenizer = Tokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision)
     if args.eos_token is not None:
         tokenizer.eos_token = args.eos_token
     if args.chat_template_path is not None:
         tokenizer.chat_template = Path(args.chat_template_path).read_text()
     if args.use_peft:  # the new score head trains in full, as PEFT's SEQ_CLS task does (modules_to_save)
-        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or LORA_DEFAULT)
+        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
         model.score.requires_grad_(True)
     if args.disable_dropout:
         disable_dropout(model)
@@ -238,16 +209,6 @@ def load(args: RewardConfig, device: torch.device):
     train_dataset = dataset(args.dataset_train_split)
     eval_dataset = dataset(args.dataset_test_split) if args.eval_strategy != "no" else []
     return model, tokenizer, train_dataset, eval_dataset
-
-
-def batch_packing(batch: dict[str, torch.Tensor], args: RewardConfig, model: torch.nn.Module) -> Packing | None:
-    """How a batch runs without its pads, sharing each pair's prefix where that is exact; None: padded, as TRL."""
-    if not args.padding_free:
-        return None
-    dropout = model.training and any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
-    share = args.shared_prefix and not dropout
-    pooled = last_non_pad(batch["input_ids"], getattr(model, "module", model).cfg.pad_token_id)  # DDP wraps it
-    return pair_packing(batch["attention_mask"], pooled, batch["prefix_lengths"] if share else None)
 
 
 @torch.no_grad()
@@ -276,8 +237,7 @@ def evaluate(model, eval_dataset: list[dict], args: RewardConfig, run: Run, pad_
         batch = {k: v.to(device) for k, v in collate_preference(
             [eval_dataset[i] for i in indices], pad_token_id, args.pad_to_multiple_of).items()}
         with autocast(device, run.precision):
-            rewards = model(batch["input_ids"], batch["attention_mask"],
-                            packing=batch_packing(batch, args, model)).squeeze(-1).float()  # (2B,)
+            rewards = model(batch["input_ids"], batch["attention_mask"]).squeeze(-1).float()  # (2B,)
         chosen, rejected = rewards.chunk(2)
         if not spare:
             loss = reward_loss(chosen, rejected, batch.get("margin"), args.center_rewards_coefficient)

@@ -11,27 +11,37 @@ Run: `python -m minirlhf.sft configs/sft.toml [--key value ...]`, or under `torc
 Not implemented: packing, padding-free batches, evaluation, assistant-only loss.
 """
 
-import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
 
-from minirlhf.common import MetricsLogger, all_reduce, autocast, cleanup_distributed, print0
-from minirlhf.config import TrainingConfig, exit_on_bad_input, require
-from minirlhf.data import collate_sft, load_rows, prepare_sft_dataset, rank_batches
-from minirlhf.hf import load_pretrained
-from minirlhf.lora import LORA_DEFAULT, add_lora, check_lora, merged, save_adapter
+from minirlhf.data import collate_sft, prepare_sft_dataset, rank_batches
+from minirlhf.infra.config import TrainingConfig, exit_on_bad_input, require
+from minirlhf.infra.files import load_rows
+from minirlhf.infra.hf import load_pretrained
+from minirlhf.infra.lora import LoraArgs, add_lora
+from minirlhf.infra.metrics import LogWindow, MetricsLogger
+from minirlhf.infra.parallel import all_reduce, cleanup_distributed, gradient_sync, print0
+from minirlhf.infra.run import (
+    autocast,
+    checkpoint_or_stop,
+    count_steps,
+    due,
+    optimizer_step,
+    prepare,
+    save_final,
+    scheduled_lr,
+    start,
+)
+from minirlhf.infra.tokenizer import Tokenizer
 from minirlhf.losses import completion_loss
 from minirlhf.model import CausalLM
 from minirlhf.optim import set_lr, steps_from
-from minirlhf.parallel import gradient_sync
-from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import count_steps, due, optimizer_step, prepare, save, save_final, scheduled_lr, start, stop_now
 
 
 @dataclass
-class SFTConfig(TrainingConfig):
+class SFTConfig(LoraArgs, TrainingConfig):
     """Supervised fine-tuning (TRL SFTConfig's defaults for the fields below)."""
 
     unused: ClassVar[dict[str, str]] = dict.fromkeys(
@@ -42,21 +52,10 @@ class SFTConfig(TrainingConfig):
     """peak AdamW learning rate (TRL SFTConfig's default)"""
     max_length: int | None = 1024
     """truncate each prompt + completion to this many tokens, keeping the start; None: no limit"""
-    use_peft: bool = False
-    """TRL ModelConfig: train LoRA adapters (minirlhf/lora.py); saves the adapter (PEFT layout) and merged/"""
-    lora_r: int = 16
-    """LoRA rank (TRL's default)"""
-    lora_alpha: int = 32
-    """LoRA scaling numerator: the update is (lora_alpha / lora_r) B A (TRL's default)"""
-    lora_dropout: float = 0.05
-    """dropout on the adapters' input (TRL's default)"""
-    lora_target_modules: list[str] | None = None
-    """Linear layers to adapt, by name; None: ["q_proj", "v_proj"], PEFT's choice for Llama-like models"""
 
     def __post_init__(self):
         super().__post_init__()
         require(self.max_length is None or self.max_length >= 1, "max_length", f"must be >= 1, got {self.max_length}")
-        check_lora(self)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,24 +65,24 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_bad_input():
         model, tokenizer, dataset = load(args, device)
         _, steps_per_epoch, total_steps = count_steps(args, len(dataset), world)
-    train_model, optimizer, state = prepare(run, model, {"": model}, new_state={"step": 0})
+    # Training state, as reward.py's: a position in the epoch's fixed data order, and what the next log averages
+    train_model, optimizer, state = prepare(run, model, tokenizer, new_state={
+        "step": 0, "epoch": 0, "group": 0, "window": asdict(LogWindow())})
+    window = LogWindow(**state["window"])
     logging_steps, save_steps = steps_from(args.logging_steps, total_steps), steps_from(args.save_steps, total_steps)
     print0(f"[minirlhf] {len(dataset)} examples, {total_steps} optimizer steps ({steps_per_epoch} per epoch)")
     logger = MetricsLogger(args, run.dist.is_main, total_steps, state["step"])
     seed = args.seed if args.data_seed is None else args.data_seed
     model.train()
 
-    step, window = 0, state.get("window", [])  # window: the loss of each step since the last log (kept on resume)
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+    while state["step"] < total_steps:
         # 1. this epoch's micro-batches for this rank, in groups of gradient_accumulation_steps
+        epoch = state["epoch"]
         batches = rank_batches(len(dataset), per_device, seed, epoch, run.dist.rank, world, args.dataloader_drop_last)
         groups = [batches[i : i + ga] for i in range(0, len(batches), ga)]
-        for group_idx, group in enumerate(groups):
-            step += 1
-            if step <= state["step"]:  # resuming: the data order is fixed, so skipping is enough
-                continue
+        for g in range(state["group"], len(groups)):
             # 2. forward/backward each micro-batch; the loss is divided by the completion tokens of the whole step
-            micro_batches = [collate_sft([dataset[i] for i in indices], tokenizer.pad_token_id) for indices in group]
+            micro_batches = [collate_sft([dataset[i] for i in ids], tokenizer.pad_token_id) for ids in groups[g]]
             num_items_in_batch = all_reduce(sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches), "sum")
             step_loss = 0.0
             for i, b in enumerate(micro_batches):
@@ -95,40 +94,32 @@ def main(argv: list[str] | None = None) -> None:
                     loss.backward()
                 step_loss += loss.item() / world
             # 3. clip, then step with the scheduled learning rate
-            lr = scheduled_lr(args, step - 1, total_steps)
+            lr = scheduled_lr(args, state["step"], total_steps)
             set_lr(optimizer, lr)
             step_loss = all_reduce(torch.tensor(step_loss), "sum").item()
-            grad_norm = optimizer_step(run, model, optimizer, step, step_loss)  # or stop, or skip
-            window.append(step_loss)
+            grad_norm = optimizer_step(run, model, state["step"] + 1, step_loss)  # or stop, or skip
+            state["step"] += 1
+            window.add(step_loss)
+            window.steps += 1
+            state["epoch"], state["group"] = (epoch, g + 1) if g + 1 < len(groups) else (epoch + 1, 0)
             logger.update()
 
             # 4. log (and at the last step) and save on the transformers schedule
-            done, epoch_end = step == total_steps, group_idx + 1 == len(groups)
+            step, done, epoch_end = state["step"], state["step"] >= total_steps, g + 1 == len(groups)
             first = args.logging_first_step and step == 1
             if due(args.logging_strategy, step, logging_steps, epoch_end) or first or (
                     done and args.logging_strategy != "no"):
-                logger.log({"loss": sum(window) / len(window), "grad_norm": grad_norm, "learning_rate": lr,
-                            **({"skipped_steps": run.skipped} if run.skipped else {}),
-                            "epoch": epoch + (group_idx + 1) / len(groups), "step": step})
-                window = []
-            stopping = run.stop.requested(device)  # SIGTERM/SIGINT on any rank: save now and exit
-            if stopping or due(args.save_strategy, step, save_steps, epoch_end) or (
-                    args.save_strategy == "steps" and done):
-                save(run, step, {"": model}, tokenizer, optimizer, {"step": step, "window": window})
-            if stopping:
-                stop_now(run, step, logger)
+                logger.log({"loss": window.pop()["loss"], "grad_norm": grad_norm, "learning_rate": lr,
+                            **run.skipped_steps(), "epoch": epoch + (g + 1) / len(groups), "step": step})
+            state["window"] = asdict(window)
+            checkpoint_or_stop(run, step, due(args.save_strategy, step, save_steps, epoch_end) or (
+                args.save_strategy == "steps" and done), state, logger)
             if done:
                 break
 
     # 5. the final model in Hugging Face layout
     logger.close()
-    if args.use_peft:  # the adapter in PEFT's layout, the merged model in merged/
-        save_final(run, {"merged": merged(model)}, tokenizer)
-        if run.dist.is_main:
-            save_adapter(model, args.output_dir, args.lora_r, args.lora_alpha, args.lora_dropout,
-                         args.model_name_or_path)
-    else:
-        save_final(run, {"": model}, tokenizer)
+    save_final(run, args.model_name_or_path)
     cleanup_distributed()
 
 
@@ -144,10 +135,10 @@ def load(args: SFTConfig, device: torch.device):
                                               args.max_length, source=source)
     print0(f"[minirlhf] {source}: {len(examples)} examples, {n_dropped} dropped (no completion token left)")
     model = load_pretrained(CausalLM, args.model_name_or_path, revision=args.model_revision, dtype=args.dtype,
-                            device=device, new_model="model_name_or_path")
+                            device=device, new_model=True)
     model.transformer.gradient_checkpointing = args.gradient_checkpointing
     if args.use_peft:
-        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or LORA_DEFAULT)
+        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     return model, tokenizer, examples
 
 

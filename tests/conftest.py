@@ -39,13 +39,13 @@ def toy_model(tmp_path_factory):
     import shutil
     from pathlib import Path
 
-    from minirlhf.hf import load_pretrained, save_pretrained
+    from minirlhf.infra.hf import load_pretrained, save_pretrained
     from minirlhf.model import CausalLM
 
     source = Path(__file__).resolve().parents[1] / "configs" / "toytask" / "model"
     folder = tmp_path_factory.mktemp("toy")
     torch.manual_seed(0)
-    save_pretrained(load_pretrained(CausalLM, str(source), new_model="model_name_or_path"), str(folder))
+    save_pretrained(load_pretrained(CausalLM, str(source), new_model=True), str(folder))
     for file in source.iterdir():
         if file.name != "config.json":
             shutil.copy(file, folder / file.name)

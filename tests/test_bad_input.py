@@ -15,7 +15,7 @@ import pytest
 from reward_fixtures import write_model, write_pairs
 
 from minirlhf import ppo, reward, sft
-from minirlhf.config import ConfigError, TrainingConfig, config_help, config_to_toml
+from minirlhf.infra.config import ConfigError, TrainingConfig, config_help, config_to_toml
 from minirlhf.reward import RewardConfig
 
 MAINS = {"reward": reward.main, "sft": sft.main, "ppo": ppo.main}
@@ -104,7 +104,7 @@ def fails(capsys, ws: Path, trainer: str, *extra: str, flags: list[str] | None =
     ("ppo", ["--max_steps=10"], ["max_steps", "total_episodes", "leave it unset"]),
     ("reward", ["--trust_remote_code=true"], ["trust_remote_code", "not implemented"]),
     ("ppo", ["--num_mini_batches=3"], ["num_mini_batches", "not a multiple"]),
-    ("ppo", ["--world_size=2"], ["world_size", "filled at runtime"]),
+    ("ppo", ["--batch_size=2"], ["batch_size", "filled at runtime"]),
     ("sft", ["--eval_strategy=steps"], ["eval_strategy", "evaluation is not implemented"]),
     ("ppo", ["--response_length=0"], ["response_length", ">= 1"]),
 ])

@@ -19,7 +19,7 @@ from trl.experimental.ppo import PPOConfig as TheirsPPOConfig
 from trl.experimental.ppo import PPOTrainer
 from trl.trainer.base_config import _BaseConfig
 
-from minirlhf.config import (
+from minirlhf.infra.config import (
     ConfigError,
     TrainingConfig,
     config_help,
@@ -128,8 +128,7 @@ def _theirs_ppo_trainer(tmp_path, n_prompts: int, **kwargs):
                       train_dataset=Dataset.from_dict({"input_ids": [[3, 4, 5]] * n_prompts}))
 
 
-RUNTIME = ["world_size", "local_batch_size", "micro_batch_size", "batch_size", "mini_batch_size",
-           "local_mini_batch_size", "total_episodes", "num_total_batches"]
+RUNTIME = ["local_batch_size", "batch_size", "local_mini_batch_size", "total_episodes", "num_total_batches"]
 
 
 @pytest.mark.parametrize("n_prompts, kwargs", [
@@ -148,20 +147,6 @@ def test_ppo_runtime_sizes_match_trl(n_prompts, kwargs, tmp_path):
         assert getattr(ours, name) == getattr(theirs.args, name), name
     assert ours.sample_generations_freq == getattr(theirs, "sample_generations_freq", None)
     assert ours.local_seed == theirs.local_seed
-
-
-def test_ppo_runtime_sizes_spec_examples():
-    # Probe values of TRL's PPOTrainer.__init__ sizes: 8 prompts, per-device 4 -> 24 episodes, 6 updates;
-    # per-device 4, GA 4, NMB 2 -> 16 / 8.
-    ours = PPOConfig(per_device_train_batch_size=4)
-    ours.set_runtime_sizes(world_size=1, train_dataset_len=8)
-    assert (ours.total_episodes, ours.num_total_batches) == (24, 6)
-    ours = PPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=4, num_mini_batches=2)
-    ours.set_runtime_sizes(world_size=2, train_dataset_len=100, rank=1)
-    assert (ours.local_batch_size, ours.local_mini_batch_size) == (16, 8)
-    # Two ranks (TRL's formulas restated): every global size doubles; the seed moves by a prime per rank.
-    assert (ours.micro_batch_size, ours.batch_size, ours.mini_batch_size) == (8, 32, 16)
-    assert ours.num_total_batches == -(-300 // 32) and ours.local_seed == 42 + 100003
 
 
 @pytest.mark.parametrize("n_prompts, kwargs", [
@@ -243,7 +228,7 @@ ERRORS = [  # (class, file text or None, flags, words the one-line message must 
     (RewardConfig, None, ["--seed"], ["command line", "seed", "missing value"]),
     (RewardConfig, "[training]\nseed = 1\n", [], ["cfg", "training", "unknown key"]),
     (RewardConfig, "seed = \n", [], ["cfg", "invalid TOML"]),
-    (PPOConfig, None, ["--world_size", "2"], ["command line", "world_size", "filled at runtime"]),
+    (PPOConfig, None, ["--batch_size", "2"], ["command line", "batch_size", "filled at runtime"]),
     (PPOConfig, None, ["--push_to_hub"], ["push_to_hub", "not implemented"]),
     (PPOConfig, "kl_estimator = \"k2\"\n", [], ["cfg", "kl_estimator", "k2"]),
 ]
@@ -435,12 +420,14 @@ def test_unused_fields_are_refused(cls, key, value, tmp_path):
 
 
 def test_metric_funcs(tmp_path):
-    cfg = parse_config(PPOConfig, ["--metric_funcs", "minirlhf.toytask:gold_score,minirlhf.toytask:gold_score"])
-    assert cfg.metric_funcs == ["minirlhf.toytask:gold_score"] * 2
-    toml = _write(tmp_path, 'metric_funcs = ["minirlhf.toytask:gold_score"]\n')
-    assert parse_config(PPOConfig, [toml]).metric_funcs == ["minirlhf.toytask:gold_score"]
-    for bad, problem in (("minirlhf.toytask:nope", "cannot import"), ("nomodule:f", "No module named 'nomodule'"),
-                         ("minirlhf.toytask", "is not a function"), ("minirlhf.toytask:CATEGORIES", "not a function")):
+    gold = "minirlhf.infra.toytask:gold_score"
+    cfg = parse_config(PPOConfig, ["--metric_funcs", f"{gold},{gold}"])
+    assert cfg.metric_funcs == [gold] * 2
+    toml = _write(tmp_path, f'metric_funcs = ["{gold}"]\n')
+    assert parse_config(PPOConfig, [toml]).metric_funcs == [gold]
+    for bad, problem in (("minirlhf.infra.toytask:nope", "cannot import"), ("nomodule:f", "No module named 'nomodule'"),
+                         ("minirlhf.infra.toytask", "is not a function"),
+                         ("minirlhf.infra.toytask:CATEGORIES", "not a function")):
         with pytest.raises(ConfigError, match=f"^command line: metric_funcs: .*{problem}"):
             parse_config(PPOConfig, ["--metric_funcs", bad])
     with pytest.raises(ConfigError, match="metric_funcs: expected list"):

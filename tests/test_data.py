@@ -22,13 +22,13 @@ from minirlhf.data import (
     collate_preference,
     collate_prompts,
     collate_sft,
-    load_rows,
     prepare_preference_dataset,
     prepare_prompt_dataset,
     prepare_sft_dataset,
     shuffled_order,
 )
-from minirlhf.tokenizer import Tokenizer
+from minirlhf.infra.files import load_rows
+from minirlhf.infra.tokenizer import Tokenizer
 
 datasets.disable_progress_bars()
 STYLES = ["byte_level", "llama"]  # ChatML template, no BOS / BOS from the post-processor and in the template
@@ -120,7 +120,7 @@ def test_preference_dataset_matches_reward_trainer(tokenizer_dirs, tmp_path, fmt
     # the collated batch equals DataCollatorForPreference's (right padding, chosen then rejected, margin float32)
     theirs_batch = trainer.data_collator(list(trainer.train_dataset))
     ours_batch = collate_preference(ours_examples, trainer.processing_class.pad_token_id, pad_to_multiple_of=8)
-    assert ours_batch.keys() == {*theirs_batch.keys(), "prefix_lengths"}  # and what packing.py shares
+    assert ours_batch.keys() == theirs_batch.keys()
     for key in theirs_batch:
         assert ours_batch[key].dtype == theirs_batch[key].dtype
         torch.testing.assert_close(ours_batch[key], theirs_batch[key], rtol=0, atol=0)

@@ -22,11 +22,12 @@ from safetensors.torch import load_file
 
 from minirlhf import advantages as adv
 from minirlhf import ppo, rollout
-from minirlhf.hf import load_pretrained, to_hf_tensors
+from minirlhf.infra import completions
+from minirlhf.infra.hf import load_pretrained, to_hf_tensors
+from minirlhf.infra.tokenizer import Tokenizer
 from minirlhf.losses import INVALID_LOGPROB, discounted_returns, grpo_advantages, rloo_advantages
 from minirlhf.model import CausalLM, PolicyAndValue, model_inputs
 from minirlhf.optim import AdamW, param_groups
-from minirlhf.tokenizer import Tokenizer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 EOS, PAD = 2, 95  # PAD inside the vocabulary: TRL's GRPO/RLOO embed the pad ids they feed
@@ -130,10 +131,11 @@ def test_matches_trl(tiny_policy, tmp_path, estimator, kl_coef):
     with torch.no_grad():
         logits = policy(*model_inputs(query_responses, PAD), logits_to_keep=T + 1)[:, :-1] / (0.9 + 1e-7)
     logprobs = torch.log_softmax(logits, -1).gather(-1, responses.clamp(max=PAD - 1).unsqueeze(-1)).squeeze(-1)
-    rollouts = rollout.score_responses(ref_policy, None, None, queries, query_responses, logprobs, args, PAD, EOS, None)
+    rollouts = rollout.score_responses(ref_policy, None, None, queries, query_responses, logprobs, args, PAD, EOS)
     tokenizer = Tokenizer.from_pretrained(str(tiny_policy))
-    scores = rollout.text_scores({"word_reward": word_reward}, tokenizer, queries, rollouts["postprocessed_responses"])
-    rollouts["raw_scores"] = rollouts["raw_scores"] + rollout.weighted_sum(scores, {"word_reward": 1.0}, "cpu")
+    responses = rollouts["postprocessed_responses"]
+    scores = completions.text_scores({"word_reward": word_reward}, tokenizer, queries, responses)
+    rollouts["raw_scores"] = rollouts["raw_scores"] + completions.weighted_sum(scores, {"word_reward": 1.0}, "cpu")
     batch = adv.compute_advantages(rollouts, args, EOS)
     ours_advantages = batch["advantages"] if estimator == "rloo" else batch["advantages"][:, 0]
     torch.testing.assert_close(ours_advantages, theirs["advantages"], **TOL)
@@ -200,8 +202,8 @@ def test_reinforce_pp_matches_its_equations():
     (["--num_generations", "0"], "num_generations: must be >= 1, got 0"),
     (["--advantage_estimator", "grpo", "--num_generations", "3"],
      "num_generations: local_batch_size = 4 is not a multiple of num_generations = 3"),
-    (["--reward_funcs", "minirlhf.toytask:nope"], "reward_funcs: cannot import 'minirlhf.toytask:nope'"),
-    (["--reward_funcs", "minirlhf.toytask:gold_score", "--reward_weights", "1,2"],
+    (["--reward_funcs", "minirlhf.infra.toytask:nope"], "reward_funcs: cannot import 'minirlhf.infra.toytask:nope'"),
+    (["--reward_funcs", "minirlhf.infra.toytask:gold_score", "--reward_weights", "1,2"],
      "reward_weights: 2 weights for 1 reward_funcs"),
     (["--reward_weights", "x"], "reward_weights: expected list[float] | None, got 'x'"),
     (["--reward_model_path", "none"], "reward_model_path: is none and there are no reward_funcs"),
@@ -236,8 +238,8 @@ def test_reward_functions_add_to_the_reward_model(toy_model, tmp_path, monkeypat
     gold score with weight 2 raises objective/scores by exactly twice the gold score's mean."""
     monkeypatch.chdir(ROOT)
     common = ["--reward_model_path", str(toy_model), "--total_episodes", "8"]
-    _, (alone,) = run_toy(toy_model, tmp_path, "rm", *common, "--metric_funcs", "minirlhf.toytask:gold_score")
-    _, (both,) = run_toy(toy_model, tmp_path, "both", *common, "--reward_funcs", "minirlhf.toytask:gold_score",
+    _, (alone,) = run_toy(toy_model, tmp_path, "rm", *common, "--metric_funcs", "minirlhf.infra.toytask:gold_score")
+    _, (both,) = run_toy(toy_model, tmp_path, "both", *common, "--reward_funcs", "minirlhf.infra.toytask:gold_score",
                          "--reward_weights", "2")
     assert both["objective/gold_score"] == alone["objective/gold_score"] > 0
     assert both["objective/scores"] == pytest.approx(alone["objective/scores"] + 2 * alone["objective/gold_score"],
@@ -252,8 +254,8 @@ def test_reward_functions_alone(toy_model, tmp_path, monkeypatch, capsys, estima
     estimator builds and saves none, and logs no value statistics."""
     monkeypatch.chdir(ROOT)
     out, metrics = run_toy(toy_model, tmp_path, estimator, "--reward_model_path", "none", "--reward_funcs",
-                           "minirlhf.toytask:gold_score", "--advantage_estimator", estimator, "--num_generations", "4",
-                           "--total_episodes", "16")
+                           "minirlhf.infra.toytask:gold_score", "--advantage_estimator", estimator,
+                           "--num_generations", "4", "--total_episodes", "16")
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["epoch"] == 16 / (4 * 1000)
     assert all(m["objective/scores"] == pytest.approx(m["objective/gold_score"], abs=1e-6) for m in metrics)
     assert (out / "value_model").exists() == ("loss/value_avg" in metrics[0]) == (estimator == "gae")
@@ -264,9 +266,9 @@ def test_critic_free_run_resumes_bitwise(toy_model, tmp_path, monkeypatch):
     """RLOO without a value model: a run interrupted after its checkpoint and resumed ends where the uninterrupted
     one does (weights bitwise, every deterministic metric)."""
     monkeypatch.chdir(ROOT)
-    flags = ["--reward_model_path", "none", "--reward_funcs", "minirlhf.toytask:gold_score", "--advantage_estimator",
-             "rloo", "--num_generations", "2", "--total_episodes", "32", "--save_strategy", "steps",
-             "--save_steps", "2"]
+    flags = ["--reward_model_path", "none", "--reward_funcs", "minirlhf.infra.toytask:gold_score",
+             "--advantage_estimator", "rloo", "--num_generations", "2", "--total_episodes", "32",
+             "--save_strategy", "steps", "--save_steps", "2"]
     a, _ = run_toy(toy_model, tmp_path, "a", *flags)
     update, calls = ppo.ppo_update, []
 

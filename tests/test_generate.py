@@ -1,7 +1,8 @@
-"""minirlhf.generate vs references: a no-cache loop, transformers' generate (through TRL's PPO helper) and warpers.
+"""minirlhf.generate vs references: a no-cache loop and transformers' generate (through TRL's PPO helper).
 
 Each model test saves a random transformers model with `save_pretrained` and loads it with our `load_pretrained`.
-Prompts are left-padded with rows of different lengths. Greedy tokens must be exactly equal; logits and logprobs
+Prompts are left-padded with rows of different lengths. Greedy tokens (sampling at a temperature so low that every
+other token has probability exactly 0) must be exactly equal; logits and logprobs
 agree to fp32 tolerance on the positions up to and including each row's stop token (later ones are padding).
 """
 
@@ -14,14 +15,15 @@ from trl.experimental.ppo.ppo_trainer import generate as trl_generate
 from trl.trainer.utils import selective_log_softmax
 
 from minirlhf import CausalLM
-from minirlhf.generate import generate, process_logits
-from minirlhf.hf import load_pretrained
+from minirlhf.generate import generate
+from minirlhf.infra.hf import load_pretrained
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 # The greedy test scales the random weights up 25x (so greedy decoding does not just repeat one token); activations
 # grow with them, and logits of magnitude ~9 agree to 2e-5 rather than 1e-6.
 GREEDY_TOL = dict(rtol=1e-5, atol=1e-4)
 MAX_NEW_TOKENS = 16
+GREEDY = 1e-10  # logits / GREEDY: the softmax is exactly one-hot at the largest logit, so sampling is argmax
 
 
 def left_padded_queries(pad_id: int, lengths=(7, 4, 1), seed: int = 0) -> torch.Tensor:
@@ -38,9 +40,9 @@ def load_ours(theirs, tmp_path) -> CausalLM:
     return load_pretrained(CausalLM, str(tmp_path / "theirs")).eval()
 
 
-def generate_recording_logits(model: CausalLM, *args, temperature: float = 1.0, do_sample: bool = True, **kwargs):
-    """generate(), and the processed fp32 logits (B, T, vocab) each token was drawn from: the model's logits at the
-    last position of each forward, through process_logits when sampling (generate's top_k=0, top_p=1 here)."""
+def generate_recording_logits(model: CausalLM, *args, **kwargs):
+    """generate(), and the model's fp32 logits (B, T, vocab) at the last position of each forward: each token was
+    drawn from softmax(logits / temperature)."""
     recorded, forward = [], model.forward
 
     def recording_forward(*forward_args, **forward_kwargs):
@@ -50,11 +52,10 @@ def generate_recording_logits(model: CausalLM, *args, temperature: float = 1.0, 
 
     model.forward = recording_forward  # an instance attribute: nn.Module.__call__ finds it first
     try:
-        out = generate(model, *args, temperature=temperature, do_sample=do_sample, **kwargs)
+        out = generate(model, *args, **kwargs)
     finally:
         del model.forward
-    logits = torch.stack(recorded, dim=1)  # one forward per generated token
-    return out, process_logits(logits, temperature, 0, 1.0) if do_sample else logits
+    return out, torch.stack(recorded, dim=1)  # one forward per generated token
 
 
 def greedy_without_cache(model: CausalLM, queries: torch.Tensor, pad_id: int, steps: int) -> torch.Tensor:
@@ -91,13 +92,13 @@ def test_greedy_matches_no_cache_and_transformers(family, tmp_path):
     ctx = queries.shape[1]
 
     # Without a stop token: the cached loop must pick exactly the no-cache loop's tokens.
-    ours = generate(ours_model, queries, pad_id, MAX_NEW_TOKENS, do_sample=False)
+    ours = generate(ours_model, queries, pad_id, MAX_NEW_TOKENS, temperature=GREEDY)
     assert torch.equal(ours.query_responses, reference)
 
     # With a stop token that greedy decoding really produces: rows finish at different steps and all stop early.
     stop_at = first_true_indices(reference[:, ctx:] == stop_id)  # (B,)
     expected = truncate_response(stop_id, pad_id, reference[:, ctx:])[:, : int(stop_at.max()) + 1]
-    ours, ours_logits = generate_recording_logits(ours_model, queries, pad_id, MAX_NEW_TOKENS, do_sample=False,
+    ours, ours_logits = generate_recording_logits(ours_model, queries, pad_id, MAX_NEW_TOKENS, temperature=GREEDY,
                                                   stop_token_id=stop_id)
     assert torch.equal(ours.query_responses[:, ctx:], expected)
 
@@ -171,6 +172,7 @@ def test_sampling_matches_transformers_draws(tmp_path):
     torch.manual_seed(7)
     ours, ours_logits = generate_recording_logits(ours_model, queries, pad_id, MAX_NEW_TOKENS, temperature=temperature,
                                                   stop_token_id=stop_id)
+    ours_logits = ours_logits / temperature  # what the tokens were drawn from, as transformers' warped scores
     assert torch.equal(ours.query_responses, theirs_query_responses)
     responses = ours.query_responses[:, ctx:]
     stop_at = first_true_indices(responses == stop_id)  # (B,)
@@ -182,28 +184,6 @@ def test_sampling_matches_transformers_draws(tmp_path):
     torch.testing.assert_close(ours.logprobs[valid], theirs_logprobs[valid], **TOL)
 
 
-@pytest.mark.parametrize(
-    "temperature, top_k, top_p",
-    [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9), (0.5, 10, 0.8), (1.0, 200, 0.5), (1.0, 1, 1.0), (1.0, 0, 0.0),
-     (2.0, 3, 0.05), (1.0, 0, 0.5), (1.0, 0, 0.75)],
-)
-def test_process_logits_matches_transformers_warpers(temperature, top_k, top_p):
-    logits = torch.randn(64, VOCAB) * 3
-    logits[0, :4] = logits[0, 10]  # ties with the k-th largest are kept by both
-    logits[1] = 0.0  # all tied: which tied tokens top-p drops depends on the sort direction
-    logits[2] = float("-inf")
-    logits[2, [5, 17, 30, 61]] = 1.0  # probabilities exactly 0.25: top_p = 0.5 or 0.75 sits on a boundary
-    theirs_processors = transformers.LogitsProcessorList([transformers.TemperatureLogitsWarper(temperature)])
-    if top_k != 0:
-        theirs_processors.append(transformers.TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        theirs_processors.append(transformers.TopPLogitsWarper(top_p))
-    theirs = theirs_processors(None, logits.clone())
-    ours = process_logits(logits, temperature, top_k, top_p)
-    assert torch.equal(ours.isinf(), theirs.isinf())
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-
-
 def test_bad_arguments_raise(tmp_path):
     model = load_ours(hf_model("llama"), tmp_path)
     queries = left_padded_queries(0)
@@ -211,5 +191,3 @@ def test_bad_arguments_raise(tmp_path):
         generate(model, queries, 0, 4, temperature=0.0)
     with pytest.raises(ValueError, match="queries must be"):
         generate(model, queries[0], 0, 4)
-    with pytest.raises(ValueError, match="top_p"):
-        generate(model, queries, 0, 4, top_p=1.5)

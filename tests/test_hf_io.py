@@ -10,7 +10,7 @@ import transformers
 from tiny import FAMILIES, VOCAB, hf_model
 
 from minirlhf import CausalLM, RewardModel
-from minirlhf.hf import load_pretrained, save_pretrained
+from minirlhf.infra.hf import load_pretrained, save_pretrained
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -97,7 +97,7 @@ def test_hub_id_resolves_from_offline_cache(tmp_path, monkeypatch):
 
 def test_folder_without_weights_is_initialised_randomly(tmp_path, capsys):
     hf_model("llama").config.save_pretrained(tmp_path)
-    model = load_pretrained(CausalLM, str(tmp_path), new_model="model_name_or_path")
+    model = load_pretrained(CausalLM, str(tmp_path), new_model=True)
     assert "no weights" in capsys.readouterr().out
     std = model.transformer.embed.weight.std().item()
     assert abs(std - 0.02) < 0.005  # N(0, initializer_range)

@@ -1,4 +1,4 @@
-"""minirlhf.lora against peft 0.21 (a test-only dependency) on a tiny random Llama, and LoRA PPO end to end.
+"""minirlhf.infra.lora against peft 0.21 (a test-only dependency) on a tiny random Llama, and LoRA PPO end to end.
 
 - Our adapters, saved in PEFT's layout, load into `peft.PeftModel` on the transformers model, whose logits equal
   ours (1e-5 fp32); with adapters disabled both equal the base model; our merged model equals the unmerged one
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from minirlhf import ppo
-from minirlhf.hf import hf_name, load_pretrained, save_pretrained
-from minirlhf.lora import adapters_disabled, add_lora, lora_layers, merged, save_adapter
+from minirlhf.infra.hf import hf_name, load_pretrained, save_pretrained
+from minirlhf.infra.lora import adapters_disabled, add_lora, lora_layers, merged, save_adapter
 from minirlhf.model import CausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,13 +101,13 @@ def test_lora_ppo_run(base, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ppo, "score_responses", recording_score_responses)
     # a seeded random init, saved with its tokenizer
-    start = load_pretrained(CausalLM, "configs/toytask/model", new_model="model_name_or_path")
+    start = load_pretrained(CausalLM, "configs/toytask/model", new_model=True)
     save_pretrained(start, str(tmp_path / "sft"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "sft" / name).write_bytes((ROOT / "configs/toytask/model" / name).read_bytes())
     out = tmp_path / "lora"
     ppo.main(["--sft_model_path", str(tmp_path / "sft"), "--reward_model_path", "none", "--reward_funcs",
-              "minirlhf.toytask:gold_score", "--dataset_name", "configs/toytask/prompts", "--advantage_estimator",
+              "minirlhf.infra.toytask:gold_score", "--dataset_name", "configs/toytask/prompts", "--advantage_estimator",
               "grpo", "--num_generations", "4", "--use_peft", "true", "--lora_r", "4", "--output_dir", str(out),
               "--per_device_train_batch_size", "8", "--num_ppo_epochs", "1", "--response_length", "4",
               "--stop_token", "eos", "--num_sample_generations", "0", "--total_episodes", "16",
@@ -139,7 +139,7 @@ def test_bad_values_are_one_line_errors(toy_model, tmp_path, flags, message):
     import sys
 
     result = subprocess.run([sys.executable, "-m", "minirlhf.ppo", "--sft_model_path", str(toy_model),
-                             "--reward_model_path", "none", "--reward_funcs", "minirlhf.toytask:gold_score",
+                             "--reward_model_path", "none", "--reward_funcs", "minirlhf.infra.toytask:gold_score",
                              "--dataset_name", "configs/toytask/prompts", "--use_peft", "true",
                              "--save_strategy", "no", "--output_dir", str(tmp_path / "out"), *flags],
                             capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""},
@@ -191,7 +191,7 @@ def test_sft_with_lora_saves_an_adapter_peft_loads(tmp_path, monkeypatch):
 
     from minirlhf import sft
     monkeypatch.chdir(ROOT)
-    start = load_pretrained(CausalLM, "configs/toytask/model", new_model="model_name_or_path")
+    start = load_pretrained(CausalLM, "configs/toytask/model", new_model=True)
     save_pretrained(start, str(tmp_path / "base"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "base" / name).write_bytes((ROOT / "configs/toytask/model" / name).read_bytes())
@@ -216,7 +216,7 @@ def test_reward_model_with_lora_saves_an_adapter_peft_loads(tmp_path, monkeypatc
 
     from minirlhf import reward
     monkeypatch.chdir(ROOT)
-    start = load_pretrained(CausalLM, "configs/toytask/model", new_model="model_name_or_path")
+    start = load_pretrained(CausalLM, "configs/toytask/model", new_model=True)
     save_pretrained(start, str(tmp_path / "base"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "base" / name).write_bytes((ROOT / "configs/toytask/model" / name).read_bytes())
@@ -252,7 +252,8 @@ def test_lora_ppo_run_resumes_bitwise(toy_model, tmp_path, monkeypatch):
     def run(name: str, *flags: str) -> tuple[Path, list[dict]]:
         out = tmp_path / name
         ppo.main(["--sft_model_path", str(toy_model), "--reward_model_path", "none", "--reward_funcs",
-                  "minirlhf.toytask:gold_score", "--dataset_name", "configs/toytask/prompts", "--use_peft", "true",
+                  "minirlhf.infra.toytask:gold_score", "--dataset_name", "configs/toytask/prompts",
+                  "--use_peft", "true",
                   "--lora_r", "4", "--output_dir", str(out), "--per_device_train_batch_size", "8",
                   "--num_mini_batches", "2", "--num_ppo_epochs", "1", "--response_length", "4", "--stop_token", "eos",
                   "--num_sample_generations", "0", "--total_episodes", "32", "--save_strategy", "steps",

@@ -9,7 +9,7 @@ import torch
 from tiny import FAMILIES, VOCAB, hf_model
 
 from minirlhf import CausalLM, RewardModel
-from minirlhf.hf import load_pretrained, to_hf_tensors
+from minirlhf.infra.hf import load_pretrained, to_hf_tensors
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

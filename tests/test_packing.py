@@ -1,7 +1,7 @@
 """Padding-free (packed) forwards equal padded forwards: logits, values, rewards and parameter gradients, fp32.
 
-The reference is the same model run on the padded batch (itself checked against transformers in
-test_model_parity.py); packing must change which arithmetic is done, never a result.
+The reference is the plain model with the same weights run on the padded batch (itself checked against
+transformers in test_model_parity.py); packing must change which arithmetic is done, never a result.
 """
 
 import pytest
@@ -10,19 +10,36 @@ from tiny import FAMILIES, VOCAB, hf_model
 
 from minirlhf import CausalLM, RewardModel
 from minirlhf.data import collate_preference
-from minirlhf.hf import load_pretrained
+from minirlhf.infra.hf import load_pretrained
+from minirlhf.infra.packing import (
+    PaddingFreeCausalLM,
+    PaddingFreeRewardModel,
+    last_columns,
+    pack,
+    pair_packing,
+    shared_prefix_lengths,
+)
 from minirlhf.losses import reward_loss
 from minirlhf.model import last_non_pad, model_inputs
-from minirlhf.packing import common_prefix_length, pack, pair_packing, rollout_packing
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 PAD = 0
 
 
 def load_ours(cls, family, tmp_path, **overrides):
+    """The plain model and its padding-free twin (infra/packing.py), with the same weights."""
+    packed_cls = PaddingFreeCausalLM if cls is CausalLM else PaddingFreeRewardModel
     theirs = hf_model(family, head="causal" if cls is CausalLM else "seq_cls", **overrides)
     theirs.save_pretrained(tmp_path / family)
-    return load_pretrained(cls, str(tmp_path / family)).eval()
+    return (load_pretrained(cls, str(tmp_path / family)).eval(),
+            load_pretrained(packed_cls, str(tmp_path / family)).eval())
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def rollout_rows(query_lengths, response_lengths, context_length, response_length, seed=0):
@@ -64,17 +81,14 @@ def test_rollout_packing_equals_padded(family, shape, tmp_path):
     rows = rollout_rows(query_lengths, response_lengths, context_length, response_length)
     inputs = model_inputs(rows, PAD)
     keep = response_length + 1
+    assert len(pack(inputs[1], last_columns(inputs[1], keep)).dst) < rows.numel()  # it does skip work
     for cls in (CausalLM, RewardModel):
-        model = load_ours(cls, family, tmp_path)
-        packing = rollout_packing(rows, PAD, context_length, model)
-        assert len(packing.dst) < rows.numel()  # it does skip work
         outputs = {}
-        for name, packed in (("padded", None), ("packed", packing)):
-            model.zero_grad()
+        for name, model in zip(("padded", "packed"), load_ours(cls, family, tmp_path), strict=True):
             if cls is CausalLM:
-                out = model(*inputs, logits_to_keep=keep, packing=packed)  # (B, keep, V)
+                out = model(*inputs, logits_to_keep=keep)  # (B, keep, V)
             else:
-                out = model.token_scores(*inputs, packing=packed)[:, context_length - 1 :]  # (B, keep, 1)
+                out = model.token_scores(*inputs, scores_to_keep=keep)  # (B, keep, 1)
             weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
             (out * weights).sum().backward()
             outputs[name] = (out.detach(), grads(model))
@@ -106,24 +120,25 @@ def preference_pairs(seed=0):
 def test_shared_prefix_reward_equals_padded(family, pad_is_eos, tmp_path):
     """Rewards, the Bradley-Terry loss (with margin and centring) and its gradients, with the prompt run once."""
     pad_id = 2 if pad_is_eos else PAD  # eos is 2 in the tiny configs; pad == eos pools before the trailing EOS
-    model = load_ours(RewardModel, family, tmp_path, pad_token_id=pad_id)
+    padded, packed = load_ours(RewardModel, family, tmp_path, pad_token_id=pad_id)
     pairs = preference_pairs()
     if pad_is_eos:
         pairs = [(c + [2], r + [2]) for c, r in pairs]
     examples = [{"chosen_ids": c, "rejected_ids": r} for c, r in pairs]
     batch = collate_preference(examples, pad_id)
     prefix = torch.tensor([common_prefix_length(c, r) for c, r in pairs])
+    assert torch.equal(shared_prefix_lengths(batch["input_ids"], batch["attention_mask"]), prefix)
     margin = torch.linspace(-1, 1, len(pairs))
-    pooled = last_non_pad(batch["input_ids"], pad_id)
     results = {}
-    for name, packing in (("padded", None), ("plain", pair_packing(batch["attention_mask"], pooled, None)),
-                          ("shared", pair_packing(batch["attention_mask"], pooled, prefix))):
+    for name, model, shared in (("padded", padded, False), ("plain", packed, False), ("shared", packed, True)):
         model.zero_grad()
-        rewards = model(batch["input_ids"], batch["attention_mask"], packing=packing).squeeze(-1)
+        model.shared_prefix = shared
+        rewards = model(batch["input_ids"], batch["attention_mask"]).squeeze(-1)
         loss = reward_loss(*rewards.chunk(2), margin, center_rewards_coefficient=0.01)
         loss.backward()
         results[name] = (rewards.detach(), loss.detach(), grads(model))
     n_real = int(batch["attention_mask"].sum())
+    pooled = last_non_pad(batch["input_ids"], pad_id)
     assert len(pair_packing(batch["attention_mask"], pooled, prefix).dst) == n_real - int(prefix.sum())
     for name in ("plain", "shared"):
         torch.testing.assert_close(results[name][0], results["padded"][0], **TOL)

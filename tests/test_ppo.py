@@ -35,15 +35,15 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minirlhf import ppo, rollout
-from minirlhf.common import cleanup_distributed
 from minirlhf.data import prompt_batches
 from minirlhf.generate import generate
-from minirlhf.hf import load_pretrained, save_pretrained, to_hf_tensors
+from minirlhf.infra.hf import load_pretrained, save_pretrained, to_hf_tensors
+from minirlhf.infra.parallel import cleanup_distributed, full_model_state, gathered_weights, shard_model
+from minirlhf.infra.run import autocast
+from minirlhf.infra.tokenizer import Tokenizer
 from minirlhf.losses import INVALID_LOGPROB
 from minirlhf.model import CausalLM, PolicyAndValue, RewardModel
 from minirlhf.optim import AdamW, lr_multiplier, param_groups, set_lr
-from minirlhf.parallel import full_model_state, gathered_weights, shard_model
-from minirlhf.tokenizer import Tokenizer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 EOS, PAD = 2, 96  # PAD lies outside the models' 96-token vocabulary, as TRL's example adds "[PAD]"
@@ -185,7 +185,7 @@ def test_update_matches_trl(tiny_models, tmp_path, monkeypatch, batch_size, kl_e
     model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
     rollouts = rollout.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs, args,
-                                       PAD, EOS, None)
+                                       PAD, EOS)
     batch = ppo.compute_advantages(rollouts, args, EOS)
     orders = [torch.as_tensor(p) for p in permutations]
     assert len(orders) == args.num_ppo_epochs
@@ -287,7 +287,7 @@ def test_two_updates_match_trl(tiny_models, tmp_path, monkeypatch):
         query_responses = torch.cat((queries, responses), 1)
         logprobs = torch.log_softmax(logits, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
         rollouts = rollout.score_responses(ref_policy, value_model, reward_model, queries, query_responses, logprobs,
-                                           args, PAD, EOS, None)
+                                           args, PAD, EOS)
         batch = ppo.compute_advantages(rollouts, args, EOS)
         orders = [torch.as_tensor(p) for p in permutations[(update - 1) * 2 : update * 2]]
         stats = ppo.ppo_update(model, optimizer, batch, args, PAD, orders)
@@ -334,21 +334,21 @@ def test_sampling_is_reproducible_and_logprobs_match_a_forward(tiny_models):
         policy.lm_head.weight.mul_(30)
     queries = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10], [PAD, 11, 12, 13], [PAD, PAD, PAD, 14], [15, 16, 17, 18]])
     torch.manual_seed(7)
-    sampled = rollout.sample_responses(policy, queries, args, PAD, None, None)[0][:, queries.shape[1]:]
+    sampled = rollout.sample_responses(policy, queries, args, PAD, None)[0][:, queries.shape[1]:]
     stop = sampled.flatten().mode().values.item()  # the most frequent token serves as the stop token
     runs = []
     for _ in range(2):
         torch.manual_seed(7)
-        runs.append(rollout.sample_responses(policy, queries, args, PAD, stop, None))
+        runs.append(rollout.sample_responses(policy, queries, args, PAD, stop))
     (ours_qr, ours_logprobs), (again_qr, again_logprobs) = runs
     assert torch.equal(ours_qr, again_qr) and torch.equal(ours_logprobs, again_logprobs)
     torch.manual_seed(8)
-    assert not torch.equal(rollout.sample_responses(policy, queries, args, PAD, stop, None)[0], ours_qr)
+    assert not torch.equal(rollout.sample_responses(policy, queries, args, PAD, stop)[0], ours_qr)
 
     # the behaviour logprobs are those of a plain forward at the same temperature, on every non-padding position
     reward_model = load_pretrained(RewardModel, str(tiny_models / "reward"))
     rollouts = rollout.score_responses(policy, reward_model, reward_model, queries, ours_qr, ours_logprobs, args, PAD,
-                                       stop, None)
+                                       stop)
     batch = ppo.compute_advantages(rollouts, args, EOS)
     assert batch["padding_mask"].any() and not batch["padding_mask"].all()
     valid = ~batch["padding_mask"]
@@ -367,10 +367,13 @@ def test_bf16_autocast_tracks_fp32(tiny_models):
     policy = load_pretrained(CausalLM, str(tiny_models / "policy"))
     reward_model = load_pretrained(RewardModel, str(tiny_models / "reward"))
     torch.manual_seed(0)
-    query_responses, logprobs = rollout.sample_responses(policy, queries, args, PAD, EOS, torch.bfloat16)
-    rollouts = {precision: rollout.score_responses(policy, reward_model, reward_model, queries, query_responses,
-                                                   logprobs, args, PAD, EOS, precision)
-                for precision in (None, torch.bfloat16)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        query_responses, logprobs = rollout.sample_responses(policy, queries, args, PAD, EOS)
+    rollouts = {}
+    for precision in (None, torch.bfloat16):
+        with autocast(torch.device("cpu"), precision):
+            rollouts[precision] = rollout.score_responses(policy, reward_model, reward_model, queries,
+                                                          query_responses, logprobs, args, PAD, EOS)
     fp32, bf16 = rollouts[None], rollouts[torch.bfloat16]
     valid = ~ppo.compute_advantages(fp32, args, EOS)["padding_mask"]
     # behaviour logprobs sampled under autocast agree with a forward in bf16 and in fp32
@@ -403,12 +406,12 @@ def test_bf16_autocast_tracks_fp32(tiny_models):
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> tuple[Path, list[str]]:
     """The shipped toy task with a random SFT policy and reward model, and PPO flags for a 4-update run."""
-    from minirlhf import toytask
+    from minirlhf.infra import toytask
 
     folder = tmp_path_factory.mktemp("toy")
     toytask.write(folder / "task")
     torch.manual_seed(0)
-    policy = load_pretrained(CausalLM, str(folder / "task" / "model"), new_model="model_name_or_path")
+    policy = load_pretrained(CausalLM, str(folder / "task" / "model"), new_model=True)
     save_pretrained(policy, str(folder / "sft"))
     Tokenizer.from_pretrained(folder / "task" / "model").save_pretrained(folder / "sft")
     save_pretrained(load_pretrained(RewardModel, str(folder / "sft")), str(folder / "reward"))
@@ -419,7 +422,7 @@ def toy_run(tmp_path_factory) -> tuple[Path, list[str]]:
              "--local_rollout_forward_batch_size", "2", "--num_mini_batches", "2", "--num_ppo_epochs", "2",
              "--total_episodes", "16", "--response_length", "6", "--stop_token", "eos", "--learning_rate", "1e-3",
              "--save_steps", "2", "--num_sample_generations", "2", "--per_device_eval_batch_size", "4",
-             "--metric_funcs", "minirlhf.toytask:gold_score", "--disable_tqdm", "true"]
+             "--metric_funcs", "minirlhf.infra.toytask:gold_score", "--disable_tqdm", "true"]
     return folder, flags
 
 
@@ -510,9 +513,9 @@ def test_max_grad_norm_clips_the_joint_gradient(tiny_models):
     queries = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10], [PAD, 11, 12, 13], [PAD, PAD, PAD, 14]])
     torch.manual_seed(0)
     args = our_config(num_ppo_epochs=1, num_mini_batches=1)
-    query_responses, logprobs = rollout.sample_responses(policy, queries, args, PAD, EOS, None)
+    query_responses, logprobs = rollout.sample_responses(policy, queries, args, PAD, EOS)
     batch = ppo.compute_advantages(rollout.score_responses(policy, reward_model, reward_model, queries, query_responses,
-                                                           logprobs, args, PAD, EOS, None), args, EOS)
+                                                           logprobs, args, PAD, EOS), args, EOS)
     deltas = {}
     for max_grad_norm in (0.0, 1e-3):
         # float64 weights, so that p_new - p_old carries no rounding of the weights (1e-7 of a norm weight of 1)
@@ -641,7 +644,7 @@ def ddp_setup(folder: str, rollouts: dict, args: ppo.PPOConfig):
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
     halves = rollouts if isinstance(rollouts, list) else [rollouts]
     batches = [ppo.compute_advantages(rollout.score_responses(
-        policy, value_model, reward_model, r["queries"], r["query_responses"], r["logprobs"], args, PAD, EOS, None),
+        policy, value_model, reward_model, r["queries"], r["query_responses"], r["logprobs"], args, PAD, EOS),
         args, EOS) for r in halves]  # post-processing is per rank, as in TRL
     return model, optimizer, {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
 
@@ -658,7 +661,7 @@ def test_two_ranks_match_one_process(tiny_models, tmp_path, fsdp):
         torch.manual_seed(100 + rank)
         queries = torch.randint(3, 96, (4, 3))
         queries[0, 0] = PAD
-        query_responses, logprobs = rollout.sample_responses(policy, queries, args, PAD, EOS, None)
+        query_responses, logprobs = rollout.sample_responses(policy, queries, args, PAD, EOS)
         data[rank] = {"queries": queries, "query_responses": query_responses, "logprobs": logprobs}
         data[f"orders{rank}"] = [torch.randperm(4) for _ in range(args.num_ppo_epochs)]
     for name in ("policy", "reward"):

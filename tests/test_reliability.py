@@ -19,8 +19,8 @@ from reward_fixtures import write_model, write_pairs
 from safetensors.torch import load_file
 
 from minirlhf import reward
-from minirlhf.checkpoint import checkpoint_dirs, load_checkpoint, read_state, resolve_resume
-from minirlhf.hf import load_pretrained, save_pretrained
+from minirlhf.infra.checkpoint import checkpoint_dirs, load_checkpoint, read_state, resolve_resume
+from minirlhf.infra.hf import load_pretrained, save_pretrained
 from minirlhf.model import RewardModel
 from minirlhf.optim import AdamW, param_groups
 
@@ -255,7 +255,7 @@ def test_missing_rng_state_is_said(task, capsys):
 
 # A slow disk: each checkpoint's model files take 1.5 s to write, so a second signal can land mid-save.
 SLOW_DISK = """import sys, time
-import minirlhf.checkpoint as checkpoint
+import minirlhf.infra.checkpoint as checkpoint
 from minirlhf import reward
 real = checkpoint.save_pretrained
 checkpoint.save_pretrained = lambda *args, **kwargs: (time.sleep(1.5), real(*args, **kwargs))
@@ -349,7 +349,8 @@ def test_torchrun_full_disk_on_rank_1_stops_every_rank(task):
 # how its run ended, since torchrun reports only the first failure.
 FULL_DISK_IN_FINAL_SAVE_ON_RANK_0 = """import errno, os, sys
 from pathlib import Path
-from minirlhf import hf, reward
+from minirlhf import reward
+from minirlhf.infra import hf
 rank = os.environ["RANK"]
 if rank == "0":
     def full_disk(tensors, path, metadata):
@@ -545,7 +546,7 @@ def test_failed_final_save_keeps_the_previous_model(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("minirlhf.hf.save_file", crash)
+    monkeypatch.setattr("minirlhf.infra.hf.save_file", crash)
     with pytest.raises(OSError):
         save_pretrained(new, str(tmp_path / "out"))
     loaded = load_pretrained(RewardModel, str(tmp_path / "out"))
@@ -581,8 +582,8 @@ def test_soak_2000_steps_flat_memory(tmp_path):
 @pytest.mark.parametrize("final", ["model.safetensors", "adapter_model.safetensors"])
 def test_a_finished_run_is_found_whatever_it_saved(tmp_path, final):
     """A fresh run refuses an output_dir holding a finished run's final model, also a LoRA run's adapter."""
+    from minirlhf.infra.run import check_output_dir
     from minirlhf.sft import SFTConfig
-    from minirlhf.training import check_output_dir
 
     (tmp_path / final).write_bytes(b"")
     with pytest.raises(ValueError, match=rf"holds another run \({final}\).*overwrite_output_dir"):

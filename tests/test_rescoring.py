@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minirlhf import ppo, rollout
-from minirlhf.hf import load_pretrained
+from minirlhf import ppo
+from minirlhf.infra import completions
+from minirlhf.infra.hf import load_pretrained
+from minirlhf.infra.ppo_setup import reward_tokenizer_if_different
+from minirlhf.infra.tokenizer import Tokenizer
 from minirlhf.model import RewardModel
-from minirlhf.rlsetup import reward_tokenizer_if_different
-from minirlhf.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS, PAD = 2, 95
@@ -85,7 +86,7 @@ def test_scores_match_transformers_on_the_texts(models, conversational):
     messages = [[{"role": "user", "content": "w5 w6 w7"}], [{"role": "user", "content": "w8 w9"}]]
     conversations = {tuple(t for t in q if t != PAD): m for q, m in zip(queries.tolist(), messages, strict=True)}
     reward_model = load_pretrained(RewardModel, str(models / "reward"))
-    ours = rollout.reward_model_scores(reward_model, reward_tokenizer, tokenizer, queries, responses,
+    ours = completions.reward_model_scores(reward_model, reward_tokenizer, tokenizer, queries, responses,
                                        conversations if conversational else {}, None)
 
     theirs_tokenizer = transformers.AutoTokenizer.from_pretrained(models / "reward")
@@ -109,7 +110,7 @@ def test_detection(models, tmp_path):
     assert reward_tokenizer_if_different(ppo.PPOConfig(reward_model_path=str(models / "policy")), tokenizer) is None
     (tmp_path / "bare").mkdir()  # a reward model folder without a tokenizer reads the policy's ids
     assert reward_tokenizer_if_different(ppo.PPOConfig(reward_model_path=str(tmp_path / "bare")), tokenizer) is None
-    no_model = ppo.PPOConfig(reward_model_path=None, reward_funcs=["minirlhf.toytask:gold_score"])
+    no_model = ppo.PPOConfig(reward_model_path=None, reward_funcs=["minirlhf.infra.toytask:gold_score"])
     assert reward_tokenizer_if_different(no_model, tokenizer) is None
 
 
@@ -146,7 +147,7 @@ def test_conversational_prompts_run(toy_model, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "chat"
     ppo.main(["--sft_model_path", str(toy_model), "--reward_model_path", str(toy_model),
-              "--dataset_name", "configs/toytask/prompts_chat", "--reward_funcs", "minirlhf.toytask:gold_score",
+              "--dataset_name", "configs/toytask/prompts_chat", "--reward_funcs", "minirlhf.infra.toytask:gold_score",
               "--output_dir", str(out), "--per_device_train_batch_size", "8", "--num_ppo_epochs", "1",
               "--response_length", "4", "--stop_token", "eos", "--num_sample_generations", "1",
               "--per_device_eval_batch_size", "4", "--total_episodes", "8", "--save_strategy", "no",

@@ -16,7 +16,7 @@ from test_bad_input import FLAGS, MAINS, fails
 from tiny import hf_model
 
 from minirlhf import CausalLM
-from minirlhf.hf import load_pretrained
+from minirlhf.infra.hf import load_pretrained
 
 
 class Payload:
@@ -117,7 +117,7 @@ def test_hub_repo_without_safetensors_is_no_new_model(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ValueError, match="no weights"):
-        load_pretrained(CausalLM, "tiny-org/pickled", new_model="model_name_or_path")
+        load_pretrained(CausalLM, "tiny-org/pickled", new_model=True)
 
 
 @pytest.mark.parametrize("name", ["{ws}/sft*.jsonl", "$WS/sft.jsonl"])

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from minirlhf import toytask
 from minirlhf.data import collate_sft, prepare_sft_dataset
-from minirlhf.hf import load_pretrained
+from minirlhf.infra import toytask
+from minirlhf.infra.hf import load_pretrained
+from minirlhf.infra.tokenizer import Tokenizer
 from minirlhf.losses import completion_loss
 from minirlhf.model import CausalLM
-from minirlhf.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import transformers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from minirlhf.tokenizer import Tokenizer
+from minirlhf.infra.tokenizer import Tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -9,7 +9,7 @@ import pytest
 import transformers
 from tokenizers import Tokenizer
 
-from minirlhf import toytask
+from minirlhf.infra import toytask
 
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "toytask"
 WORD_CATEGORY = {w: c for c, words in toytask.CATEGORIES.items() for w in words}
@@ -125,7 +125,7 @@ def test_chat_format_renders_as_the_plain_format():
     conversations give the same ids and completion mask, and chat prompts the same queries; transformers' template
     rendering agrees."""
     from minirlhf.data import prepare_prompt_dataset, prepare_sft_dataset
-    from minirlhf.tokenizer import Tokenizer as OurTokenizer
+    from minirlhf.infra.tokenizer import Tokenizer as OurTokenizer
 
     ours = OurTokenizer.from_pretrained(SHIPPED / "model")
     theirs = transformers.AutoTokenizer.from_pretrained(SHIPPED / "model")

@@ -1,9 +1,9 @@
-"""What reward, SFT and PPO training share around their loops, so each entry point shows only what is its own.
+"""A run's lifecycle, the same for reward, SFT and PPO, so that each entry point shows only what is its own.
 
 Every `main()` reads: config -> `start` (parse, join the ranks, seed, precision, find the checkpoint) -> load its
 models and data -> `prepare` (resume the weights, shard or wrap, AdamW, resume its state) -> its loop, with
-`scheduled_lr`, `optimizer_step`, `due` and `save` -> `save_final`. References: transformers 5.23 trainer.py
-(`Trainer._inner_training_loop`) and trainer_callback.py (`DefaultFlowCallback`).
+`scheduled_lr`, `optimizer_step`, `due` and `checkpoint_or_stop` -> `save_final`. References: transformers 5.23
+trainer.py (`Trainer._inner_training_loop`) and trainer_callback.py (`DefaultFlowCallback`).
 
 What keeps a run's work safe (README, "Reliability"): an output_dir holding another run is resumed or refused,
 never silently mixed with (`check_output_dir`); SIGTERM/SIGINT end the run at a step boundary with a checkpoint
@@ -12,8 +12,10 @@ optimizer step (`optimizer_step`, `check_finite`; PPO: `ppo_update`); a failed s
 """
 
 import contextlib
+import functools
 import math
 import os
+import random
 import shutil
 import signal
 import sys
@@ -23,10 +25,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from minirlhf.checkpoint import (
+from minirlhf.infra.checkpoint import (
     OtherRankFailed,
     agreed,
     checkpoint_dirs,
@@ -36,27 +39,29 @@ from minirlhf.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from minirlhf.common import (
-    Dist,
-    all_reduce,
-    cleanup_distributed,
-    init_distributed,
-    module_name,
-    print0,
-    resolve_precision,
-    seed_everything,
-)
-from minirlhf.config import (
+from minirlhf.infra.config import (
     TrainingConfig,
     config_to_toml,
     exit_on_bad_input,
+    module_name,
     parse_config_or_exit,
     require,
     save_config,
 )
-from minirlhf.hf import save_pretrained
+from minirlhf.infra.hf import save_pretrained
+from minirlhf.infra.lora import merged, save_adapter
+from minirlhf.infra.parallel import (
+    Dist,
+    all_reduce,
+    cleanup_distributed,
+    distribute,
+    full_model_state,
+    full_tensor,
+    init_distributed,
+    print0,
+)
+from minirlhf.model import Attention
 from minirlhf.optim import AdamW, lr_multiplier, param_groups, steps_from
-from minirlhf.parallel import distribute, full_model_state, full_tensor
 
 
 class StopSignal:
@@ -105,6 +110,13 @@ class Run:
     run_id: str
     stop: StopSignal
     skipped: int = 0  # updates dropped for a non-finite loss or gradient (on_nonfinite = "skip")
+    models: dict[str, nn.Module] | None = None  # set by prepare: what checkpoints hold, by subfolder ("": the root)
+    tokenizer: object = None  # set by prepare: saved beside the models
+    optimizer: torch.optim.Optimizer | None = None  # set by prepare
+
+    def skipped_steps(self) -> dict[str, int]:
+        """What a log record adds under on_nonfinite = "skip" once a step was dropped."""
+        return {"skipped_steps": self.skipped} if self.skipped else {}
 
 
 def start(config_class: type, argv: list[str] | None) -> Run:
@@ -121,6 +133,34 @@ def start(config_class: type, argv: list[str] | None) -> Run:
         check_writable(args.output_dir)
     seed_everything(args.seed)  # before loading: a new score head is the first random draw (huggingface/trl#4887)
     return Run(args, dist, resolve_precision(args.bf16, args.fp16, dist.device), resume, trainer, run_id, stop)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (all devices), as transformers.set_seed does."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(bf16: bool | None, fp16: bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. TRL's default bf16=None means "bf16 if the hardware has it".
+
+    Departure from TRL, whose _BaseConfig defaults to bf16=True and crashes on CPU: on CPU the automatic choice is fp32
+    (exact parity, and what TRL users get with use_cpu=True and bf16=False); bf16=true asks for CPU autocast.
+    """
+    if fp16:
+        return torch.float16
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        print0(f"[minirlhf] bf16 not set: using {'bf16' if bf16 else 'fp32'} on {device.type}")
+    return torch.bfloat16 if bf16 else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed-precision context for forward passes; a no-op in fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def check_writable(output_dir: str) -> None:
@@ -147,27 +187,30 @@ def check_output_dir(args: TrainingConfig, run_id: str | None) -> None:
                          "--overwrite_output_dir=true, which deletes its checkpoints")
 
 
-def prepare(run: Run, model: nn.Module, saved: dict[str, nn.Module], sharded: tuple[nn.Module, ...] = (),
-            new_state: dict | None = None):
-    """(the module the loop calls, the optimizer over `model`, trainer_state: new_state, or None, on a fresh start).
-    `saved` maps each checkpoint subfolder to its model ("" = the checkpoint itself); `sharded`: the models to shard
-    (FSDP); a resumed trainer_state must have every key of `new_state`."""
+def prepare(run: Run, model: nn.Module, tokenizer, new_state: dict, saved: dict[str, nn.Module] | None = None,
+            sharded: tuple[nn.Module, ...] = ()):
+    """(the module the loop calls, the optimizer over `model`, trainer_state: new_state on a fresh start, else the
+    checkpoint's). `saved` maps each checkpoint subfolder to its model ("" = the checkpoint itself; default: `model`
+    there); `sharded`: the models to shard (FSDP); a resumed trainer_state must have every key of `new_state`."""
     args = run.args
+    run.models, run.tokenizer = saved or {"": model}, tokenizer
     with exit_on_bad_input():  # after loading, so that a bad model or dataset is reported first
         check_output_dir(args, run.run_id if run.resume else None)
     if run.resume is not None:
         with exit_on_bad_input():
-            load_checkpoint_weights(run.resume, saved)  # before sharding: whole tensors into whole parameters
+            load_checkpoint_weights(run.resume, run.models)  # before sharding: whole tensors into whole parameters
+    if run.dist.device.type == "cpu":
+        attention_in_fp32_under_autocast(model, *sharded)
     train_model = distribute(model, args.fsdp, sharded)
-    optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
-                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    run.optimizer = AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
+                          betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     state = new_state
     if run.resume is not None:
         with exit_on_bad_input():
-            state = load_checkpoint(run.resume, optimizer, run.dist.rank)
-            missing = sorted(set(new_state or {}) - set(state))  # e.g. an SFT checkpoint saved before "trainer"
+            state = load_checkpoint(run.resume, run.optimizer, run.dist.rank)
+            missing = sorted(set(new_state) - set(state))  # e.g. a checkpoint of an older minirlhf
             require(not missing, "resume_from_checkpoint", f"{run.resume}: trainer_state.json has no {missing}: not "
-                    f"a minirlhf.{run.trainer} checkpoint")
+                    f"a minirlhf.{run.trainer} checkpoint of this version")
         run.skipped = state.get("skipped_steps", 0)
         print0(f"[minirlhf] resumed from {run.resume} at step {state['step']}")
     if run.dist.is_main:
@@ -178,7 +221,24 @@ def prepare(run: Run, model: nn.Module, saved: dict[str, nn.Module], sharded: tu
                 print0(f"[minirlhf] overwrite_output_dir: deleted {old}")
         save_config(args, Path(args.output_dir) / "config.toml")
     run.stop.in_loop = True
-    return train_model, optimizer, state
+    return train_model, run.optimizer, state
+
+
+def attention_in_fp32_under_autocast(*models: nn.Module) -> None:
+    """Under CPU autocast, each attention's scaled_dot_product_attention runs in fp32 (the projections stay bf16):
+    torch's CPU flash attention is ~6x slower in bf16 than in fp32 (backward) and reads a cache kept in the weights'
+    dtype. Set on each Attention instance, so that model.py keeps the plain call."""
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, Attention) and "attend" not in vars(module):
+                module.attend = functools.partial(_attend_in_fp32, module.attend)
+
+
+def _attend_in_fp32(attend, q, k, v, *args, **kwargs):
+    if not torch.is_autocast_enabled("cpu"):
+        return attend(q, k, v, *args, **kwargs)
+    with torch.autocast("cpu", enabled=False):
+        return attend(q.float(), k.float(), v.float(), *args, **kwargs)
 
 
 def count_steps(args: TrainingConfig, n_examples: int, world_size: int) -> tuple[int, int, int]:
@@ -202,7 +262,7 @@ def scheduled_lr(args: TrainingConfig, step: int, total_steps: int) -> float:
                                               **(args.lr_scheduler_kwargs or {}))
 
 
-def optimizer_step(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, loss: float) -> float:
+def optimizer_step(run: Run, model: nn.Module, step: int, loss: float) -> float:
     """Clip the global gradient norm to max_grad_norm (0: no clipping), step, free the gradients; returns the norm
     before clipping (what transformers logs as grad_norm). `step`: the number of this step (from 1); `loss`: its loss
     over all ranks. A non-finite loss or norm (the same on every rank) goes to check_finite: under "skip" the update is
@@ -210,8 +270,8 @@ def optimizer_step(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
     max_norm = run.args.max_grad_norm if run.args.max_grad_norm > 0 else math.inf
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)).item()
     if check_finite(run, step, {"loss": loss, "grad_norm": grad_norm}):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # frees the memory now rather than at the next backward
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)  # frees the memory now rather than at the next backward
     return grad_norm
 
 
@@ -255,20 +315,21 @@ def check_update(run: Run, update: int, model: nn.Module) -> None:
     check_finite(run, update, {"weights": weights}, can_skip=False)
 
 
-def check_positions(model: nn.Module, prompt_length: int, response_length: int) -> None:
-    """The longest prompt plus response_length new tokens must fit a model with learned positions (GPT-2's n_positions:
-    beyond it there is no embedding; rotary models extrapolate, as in transformers)."""
-    limit = model.cfg.max_position_embeddings
-    require(model.cfg.positions != "learned" or prompt_length + response_length <= limit, "response_length",
-            f"the longest prompt ({prompt_length} tokens) + response_length ({response_length}) exceeds the model's "
-            f"{limit} positions; lower response_length or shorten the prompts")
+def checkpoint_or_stop(run: Run, step: int, scheduled: bool, state: dict, logger) -> None:
+    """After optimizer step (PPO: update) `step`: save checkpoint-<step> when `scheduled`, or when any rank got
+    SIGTERM/SIGINT (one all-reduced flag), and then exit 128 + the signal number."""
+    stopping = run.stop.requested(run.dist.device)
+    if stopping or scheduled:
+        save(run, step, state)
+    if stopping:
+        stop_now(run, step, logger)
 
 
-def save(run: Run, step: int, models: dict[str, nn.Module], tokenizer, optimizer, state: dict) -> None:
+def save(run: Run, step: int, state: dict) -> None:
     """checkpoint-<step> of this run (trainer and run id in its trainer_state.json); every rank calls it. A full disk
     or another OS error: one line, the temporary folder removed, exit 2; the checkpoints before it are intact."""
     with exit_on_os_error(f"checkpoint-{step}", Path(run.args.output_dir) / f".tmp-checkpoint-{step}"):
-        save_checkpoint(run.args.output_dir, step, models, tokenizer, optimizer,
+        save_checkpoint(run.args.output_dir, step, run.models, run.tokenizer, run.optimizer,
                         {**state, "trainer": run.trainer, "run_id": run.run_id, "skipped_steps": run.skipped},
                         config_to_toml(run.args), run.dist.rank, run.args.save_total_limit)
 
@@ -303,10 +364,15 @@ def stop_now(run: Run, step: int, logger) -> None:
     raise SystemExit(128 + (run.stop.signum or signal.SIGTERM))
 
 
-def save_final(run: Run, models: dict[str, nn.Module], tokenizer) -> None:
-    """Each model (subfolder -> model) and the tokenizer into output_dir; every rank calls it, rank 0 writes. Under
-    torchrun every rank learns whether rank 0 could (checkpoint.agreed), so that a full disk there exits 2 on all."""
-    run.stop.in_loop = False  # a signal now exits at once: the save below is atomic, the last checkpoint complete
+def save_final(run: Run, base_model_path: str) -> None:
+    """The models (run.models) and the tokenizer into output_dir; every rank calls it, rank 0 writes. A LoRA run
+    (use_peft) saves its adapter in PEFT's layout (adapter_config.json names `base_model_path`) and the merged model
+    in merged/. Under torchrun every rank learns whether rank 0 could (checkpoint.agreed), so that a full disk there
+    exits 2 on all."""
+    run.stop.in_loop = False  # a signal now exits at once: the saves below are atomic, the last checkpoint complete
+    models = dict(run.models)
+    if run.args.use_peft:
+        models = {"merged": merged(models.pop("")), **models}
     weights = {sub: full_model_state(model) for sub, model in models.items()}
     for sub, model in models.items():
         folder = Path(run.args.output_dir) / sub
@@ -317,9 +383,12 @@ def save_final(run: Run, models: dict[str, nn.Module], tokenizer) -> None:
     with exit_on_os_error("the tokenizer", tmp), agreed():
         if run.dist.is_main:  # written aside, then renamed into place, as save_pretrained does the model's files
             shutil.rmtree(tmp, ignore_errors=True)
-            tokenizer.save_pretrained(tmp)
+            run.tokenizer.save_pretrained(tmp)
             for file in tmp.iterdir():
                 os.replace(file, tmp.parent / file.name)
             tmp.rmdir()
+    if run.args.use_peft and run.dist.is_main:
+        args = run.args
+        save_adapter(run.models[""], args.output_dir, args.lora_r, args.lora_alpha, args.lora_dropout, base_model_path)
     also = "".join(f" and {sub}/" for sub in models if sub)
     print0(f"[minirlhf] saved the final model{also} to {run.args.output_dir}")

@@ -25,7 +25,7 @@ Measured with transformers' LlamaForSequenceClassification from `model/` (random
 linear decay, no warmup): test accuracy 0.995-1.0 after 3 epochs (3 seeds), 0.75-0.86 after 1 epoch; lr 3e-3 is
 unstable. A hidden size of 64 instead of 128 reached only 0.75-0.95, depending on the seed.
 
-Usage: `python -m minirlhf.toytask configs/toytask` rewrites the folder, byte for byte the same on every run.
+Usage: `python -m minirlhf.infra.toytask configs/toytask` rewrites the folder, byte for byte the same on every run.
 """
 
 import json
@@ -70,7 +70,7 @@ def gold(prompt: str, response: str) -> float:
 
 def gold_score(prompts: list, completions: list, **kwargs) -> list[float]:
     """`gold` of each row, as a text function with TRL's reward-function arguments: PPO logs it as
-    objective/gold_score with `metric_funcs = ["minirlhf.toytask:gold_score"]`, or trains on it as one of
+    objective/gold_score with `metric_funcs = ["minirlhf.infra.toytask:gold_score"]`, or trains on it as one of
     `reward_funcs`. Conversational rows (message lists) are scored on their last messages' contents."""
     def text(x) -> str:
         return x[-1]["content"] if isinstance(x, list) else x
@@ -174,5 +174,5 @@ def write(folder: Path, seed: int = 0) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m minirlhf.toytask OUT_FOLDER")
+        raise SystemExit("usage: python -m minirlhf.infra.toytask OUT_FOLDER")
     write(Path(sys.argv[1]))

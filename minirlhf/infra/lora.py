@@ -13,27 +13,45 @@ import contextlib
 import copy
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minirlhf.config import require
-from minirlhf.hf import hf_name
+from minirlhf.infra.config import require
+from minirlhf.infra.hf import hf_name
 from minirlhf.model import RewardModel
 
 UNFUSED = ("llama", "qwen2", "qwen3", "mistral")  # q/k/v are separate Linears in HF too, so PEFT names match ours
 LORA_DEFAULT = ["q_proj", "v_proj"]  # PEFT's default targets for Llama-like models
 
 
-def check_lora(args) -> None:
-    """The LoRA keys of a config (use_peft, lora_r, lora_dropout; TRL ModelConfig's names), as __post_init__ checks."""
-    if not args.use_peft:
-        return
-    require(args.lora_r >= 1, "lora_r", f"must be >= 1, got {args.lora_r}")
-    require(0 <= args.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {args.lora_dropout}")
-    require(not args.fsdp, "fsdp", "use_peft runs with DDP or one process, not FSDP")
+@dataclass
+class LoraArgs:
+    """TRL ModelConfig's LoRA fields, shared by the three trainers' configs (a mixin before TrainingConfig)."""
+
+    use_peft: bool = False
+    """train LoRA adapters instead of every weight (a reward model's new score head trains in full, as PEFT's SEQ_CLS
+    modules_to_save; PPO's reference is the policy with its adapters off); saves the adapter (PEFT layout) and the
+    merged model in merged/, and checkpoints hold the adapter"""
+    lora_r: int = 16
+    """LoRA rank (TRL's default)"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: the update is (lora_alpha / lora_r) B A (TRL's default)"""
+    lora_dropout: float = 0.05
+    """dropout on the adapters' input (TRL's default; disable_dropout turns it off too)"""
+    lora_target_modules: list[str] | None = None
+    """Linear layers to adapt, by name; None: ["q_proj", "v_proj"], PEFT's choice for Llama-like models"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.use_peft:
+            return
+        require(self.lora_r >= 1, "lora_r", f"must be >= 1, got {self.lora_r}")
+        require(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        require(not self.fsdp, "fsdp", "use_peft runs with DDP or one process, not FSDP")
 
 
 class LoRALinear(nn.Module):
@@ -59,9 +77,10 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
 
 
-def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str]) -> list[str]:
-    """Wrap every Linear whose own name is in target_modules (e.g. "q_proj", "v_proj"); freeze all else. Returns the
+def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str] | None) -> list[str]:
+    """Wrap every Linear whose own name is in target_modules (None: LORA_DEFAULT); freeze all else. Returns the
     wrapped modules' names; a ValueError if none matched or the family fuses q/k/v (GPT-2, GPT-NeoX)."""
+    target_modules = target_modules or LORA_DEFAULT
     if model.cfg.model_type not in UNFUSED:
         raise ValueError(f"use_peft: LoRA supports {', '.join(UNFUSED)}, not {model.cfg.model_type} (fused q/k/v)")
     model.requires_grad_(False)

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from minirlhf.common import print0
-from minirlhf.hub import local_or_hub
-from minirlhf.model import CausalLM, ModelConfig, RewardModel, init_weights, rope_inv_freq
+from minirlhf.infra.files import local_or_hub
+from minirlhf.infra.parallel import print0
+from minirlhf.model import CausalLM, ModelConfig, RewardModel, RMSNorm, rope_inv_freq
 
 # Backbone prefix and architecture name stem of each family (transformers' base_model_prefix and class names).
 PREFIX = {"gpt2": "transformer", "gpt_neox": "gpt_neox", "llama": "model", "qwen2": "model", "qwen3": "model",
@@ -248,12 +249,25 @@ def parse_dtype(dtype, hf: dict) -> torch.dtype:
     return dtype
 
 
-def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=None, new_model: str | None = None):
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Fresh random weights as transformers initialises them: N(0, initializer_range), zero biases, unit norms."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=cfg.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=None, new_model: bool = False):
     """Build `cls` (CausalLM or RewardModel) from a Hugging Face folder or Hub id; see the module docstring.
 
-    A local folder with a config.json and no weight file at all is initialised randomly only when `new_model` names
-    the key that asked for a new model (the starting model_name_or_path of reward or SFT training, e.g. the toy task's
-    model/); anywhere else (PPO's models, a checkpoint, a Hub repo) it is an error: a half-written or wrongly copied
+    A local folder with a config.json and no weight file at all is initialised randomly only as a `new_model` (the
+    starting model_name_or_path of reward or SFT training, e.g. the toy task's model/); anywhere else (PPO's models,
+    a checkpoint, a Hub repo) it is an error: a half-written or wrongly copied
     folder must not train, or score, as a random model. Weights are read from safetensors only: a folder holding
     pickled ones (pytorch_model.bin, *.pt) is refused, unopened. Code beside the weights (`auto_map`, modeling_*.py)
     is never imported: the architecture comes from model_type alone, as transformers does without trust_remote_code."""
@@ -264,7 +278,7 @@ def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=No
     cfg = config_from_hf(hf, str(folder / "config.json"))
     dtype, device = parse_dtype(dtype, hf), torch.device(device or "cpu")
     tensors = read_safetensors(folder)
-    if cls is RewardModel:
+    if issubclass(cls, RewardModel):
         # A trained head fixes num_labels; a causal LM loaded as a reward model gets one output, as TRL forces.
         cfg = replace(cfg, num_labels=tensors["score.weight"].shape[0] if "score.weight" in tensors else 1)
     weights = r"(pytorch_model|model|consolidated)[-.\w]*\.(bin|pt|pth|ckpt)(\.index\.json)?"  # not optimizer.pt
@@ -273,11 +287,11 @@ def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=No
         raise ValueError(f"{folder}: weights only in {pickled[0]}, a pickle; minirlhf reads safetensors only (convert "
                          "with transformers: from_pretrained, then save_pretrained(safe_serialization=True))")
     from_hub = not Path(name_or_path).expanduser().exists()  # a Hub repo without safetensors is no new model
-    if not tensors and (new_model is None or from_hub):
+    if not tensors and (not new_model or from_hub):
         raise ValueError(f"{folder}: config.json but no weights (no *.safetensors file); point to a trained model "
                          "folder (a half-written save? a missing file?)")
     if not tensors:
-        print0(f"[minirlhf] {folder} has no weights: initialising {ARCH[cfg.model_type]} randomly ({new_model})")
+        print0(f"[minirlhf] {folder} has no weights: initialising {ARCH[cfg.model_type]} randomly")
         model = cls(cfg)
         init_weights(model, cfg)
         return model.to(device=device, dtype=dtype)

@@ -30,7 +30,7 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from minirlhf.hub import local_or_hub
+from minirlhf.infra.files import local_or_hub
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "config.json"]

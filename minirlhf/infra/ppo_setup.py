@@ -4,25 +4,48 @@ reward functions alone score), and whether the reward model reads the policy's t
 
 The reward model reads the policy's ids as they are (TRL's PPO) unless its own tokenizer differs from the policy's
 (vocabulary or special tokens; huggingface/trl#1674, #1979, #3595) or the prompts are conversations: then each
-rollout is decoded and rendered again for it (minirlhf.rollout.reward_model_scores). The value model reads policy ids,
-so it must share the policy's vocabulary: by default it starts from the reward model, or from the policy when there
-is no reward model or the tokenizers differ.
+rollout is decoded and rendered again for it (infra.completions.reward_model_scores). The value model reads policy
+ids, so it must share the policy's vocabulary: by default it starts from the reward model, or from the policy when
+there is no reward model or the tokenizers differ. With padding_free (the default) every model is loaded as its
+padding-free twin (infra/packing.py): the same outputs, no pads computed.
 """
 
-from minirlhf.common import print0
-from minirlhf.config import require
-from minirlhf.data import is_conversational, load_rows, prepare_prompt_dataset
-from minirlhf.hf import load_pretrained
-from minirlhf.lora import LORA_DEFAULT, add_lora
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from minirlhf.data import is_conversational, prepare_prompt_dataset
+from minirlhf.infra.config import import_function, require
+from minirlhf.infra.files import load_rows
+from minirlhf.infra.hf import load_pretrained
+from minirlhf.infra.lora import add_lora
+from minirlhf.infra.packing import PaddingFreeCausalLM, PaddingFreeRewardModel
+from minirlhf.infra.parallel import print0
+from minirlhf.infra.tokenizer import Tokenizer
 from minirlhf.model import CausalLM, RewardModel, disable_dropout
-from minirlhf.tokenizer import Tokenizer
-from minirlhf.training import check_positions
 
 
-def load(args, run) -> tuple:
-    """(tokenizer, train_dataset, eval_dataset, policy, ref_policy (None with LoRA), value_model or None,
-    reward_model or None, reward_tokenizer: None where the reward model reads policy ids, conversations: prompt ids
-    -> messages)."""
+@dataclass
+class PPOSetup:
+    """What PPO trains on and with. reward_tokenizer: the reward model's own, when it reads the decoded texts (None:
+    it reads the policy's ids); conversations: a conversational prompt's ids -> its messages; the functions by name."""
+
+    tokenizer: Tokenizer
+    train_dataset: list[dict]
+    eval_dataset: list[dict]
+    policy: CausalLM
+    ref_policy: CausalLM | None  # None with LoRA: the policy with its adapters off
+    value_model: RewardModel | None  # "gae" only
+    reward_model: RewardModel | None  # None: reward functions alone score
+    reward_tokenizer: Tokenizer | None
+    conversations: dict[tuple, list]
+    reward_funcs: dict[str, Callable]
+    reward_weights: dict[str, float]
+    metric_funcs: dict[str, Callable]
+
+
+def load(args, run) -> PPOSetup:
     require(args.dataset_name is not None, "dataset_name", "is required (a prompt file or folder, or a Hub id)")
     # model_revision pins model_name_or_path alone (TRL's ModelConfig): sft_model_path's tokenizer matches its weights
     revision = args.model_revision if args.model_name_or_path else None
@@ -61,21 +84,24 @@ def load(args, run) -> tuple:
     # value and reward model from the reward model, policy and reference from the SFT model; critic-free
     # estimators build no value model, reward functions alone no reward model
     load_kwargs = dict(dtype=args.dtype, device=run.dist.device)
+    causal_lm, reward_model_class = (PaddingFreeCausalLM, PaddingFreeRewardModel) if args.padding_free else (
+        CausalLM, RewardModel)
     value_model, reward_model = None, None
     if args.advantage_estimator == "gae":
         same_ids = reward_tokenizer is None or reward_tokenizer is tokenizer
         value_path = args.value_model_path or (args.reward_model_path if same_ids else None) or args.sft_model_path
         print0(f"[minirlhf] value model from {value_path}")
-        value_model = load_pretrained(RewardModel, value_path, **load_kwargs)
+        value_model = load_pretrained(reward_model_class, value_path, **load_kwargs)
     if args.reward_model_path is not None:
-        reward_model = load_pretrained(RewardModel, args.reward_model_path, **load_kwargs).eval().requires_grad_(False)
-    policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs)
+        reward_model = load_pretrained(reward_model_class, args.reward_model_path, **load_kwargs).eval().requires_grad_(
+            False)
+    policy = load_pretrained(causal_lm, args.sft_model_path, **load_kwargs)
     check_positions(policy, max(len(x["input_ids"]) for x in train_dataset + eval_dataset), args.response_length)
     ref_policy = None  # LoRA: the reference is the policy with its adapters off (huggingface/trl#1444)
     if args.use_peft:
-        add_lora(policy, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or LORA_DEFAULT)
+        add_lora(policy, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     else:
-        ref_policy = load_pretrained(CausalLM, args.sft_model_path, **load_kwargs).eval().requires_grad_(False)
+        ref_policy = load_pretrained(causal_lm, args.sft_model_path, **load_kwargs).eval().requires_grad_(False)
     # the reward model first: by default the value model starts from it, so its vocabulary is the cause
     checks = [("reward_model_path", reward_model)] * (reward_tokenizer is None) + [("value_model_path", value_model)]
     for key, m in checks:
@@ -88,8 +114,11 @@ def load(args, run) -> tuple:
     for m in (policy, value_model):
         if m is not None:
             m.transformer.gradient_checkpointing = args.gradient_checkpointing  # TRL never applies it
-    return (tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model, reward_tokenizer,
-            conversations)
+    metric_funcs = {spec.rpartition(":")[2]: import_function(spec, "metric_funcs") for spec in args.metric_funcs or []}
+    reward_funcs = {spec.rpartition(":")[2]: import_function(spec, "reward_funcs") for spec in args.reward_funcs or []}
+    reward_weights = dict(zip(reward_funcs, args.reward_weights or [1.0] * len(reward_funcs), strict=True))
+    return PPOSetup(tokenizer, train_dataset, eval_dataset, policy, ref_policy, value_model, reward_model,
+                    reward_tokenizer, conversations, reward_funcs, reward_weights, metric_funcs)
 
 
 def reward_tokenizer_if_different(args, tokenizer: Tokenizer) -> Tokenizer | None:
@@ -103,3 +132,12 @@ def reward_tokenizer_if_different(args, tokenizer: Tokenizer) -> Tokenizer | Non
         return None
     same = theirs.get_vocab() == tokenizer.get_vocab() and theirs.special_tokens == tokenizer.special_tokens
     return None if same else theirs
+
+
+def check_positions(model: nn.Module, prompt_length: int, response_length: int) -> None:
+    """The longest prompt plus response_length new tokens must fit a model with learned positions (GPT-2's n_positions:
+    beyond it there is no embedding; rotary models extrapolate, as in transformers)."""
+    limit = model.cfg.max_position_embeddings
+    require(model.cfg.positions != "learned" or prompt_length + response_length <= limit, "response_length",
+            f"the longest prompt ({prompt_length} tokens) + response_length ({response_length}) exceeds the model's "
+            f"{limit} positions; lower response_length or shorten the prompts")

@@ -37,7 +37,6 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-from minirlhf.common import module_name
 from minirlhf.optim import SCHEDULES, schedule_kwargs
 
 STRATEGIES = ("no", "steps", "epoch")  # transformers also has save_strategy="best" (needs load_best_model_at_end)
@@ -54,6 +53,12 @@ class ConfigError(ValueError):
     def __init__(self, message: str, key: str | None = None):
         super().__init__(message)
         self.key = key
+
+
+def module_name(cls: type) -> str:
+    """"minirlhf.reward" for RewardConfig, also under `python -m` (where Python names the module "__main__")."""
+    spec = getattr(sys.modules[cls.__module__], "__spec__", None)
+    return spec.name if cls.__module__ == "__main__" and spec is not None else cls.__module__
 
 
 def import_function(spec: str, key: str):

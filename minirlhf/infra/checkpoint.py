@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minirlhf.hf import load_pretrained, save_pretrained
-from minirlhf.lora import load_adapter, lora_layers, lora_settings, save_adapter
-from minirlhf.parallel import full_model_state, full_optimizer_state, load_optimizer_state
+from minirlhf.infra.hf import load_pretrained, save_pretrained
+from minirlhf.infra.lora import load_adapter, lora_layers, lora_settings, save_adapter
+from minirlhf.infra.parallel import full_model_state, full_optimizer_state, load_optimizer_state
 
 
 def rng_state() -> dict:

@@ -1,0 +1,223 @@
+"""Padding-free forwards: each distinct token of a padded batch goes through the weights once.
+
+A padded (B, T) batch spends the matmuls of every layer on pads, and a preference pair spends them twice on the
+prompt its chosen and rejected sides share. `Packing` lists the batch's distinct tokens: N of them run as one
+(1, N) sequence through embeddings, projections, MLPs and norms. Only attention sees them in the (B, T) grid again,
+gathered into their cells and masked exactly as the padded batch is; each token's output is read back from one cell.
+So every output equals the padded forward's, position by position (the grid's attention is the same computation),
+and only the arithmetic on pads and on repeated prefixes is gone. The last layer runs only for the tokens whose
+outputs are read (`used`: a reward model reads one cell per row, PPO the response): the others' keys and values are
+all it needs from them. Gathering is autograd's index_select, whose backward sums the copies: a shared prompt
+token's keys and values get the gradient of both rows that read them.
+
+Which cells are distinct tokens:
+- every real cell (attention mask 1), except one that repeats the same column of another row (a shared prefix);
+- of padding, only cells whose outputs are used (`used`): a padded position reads token id 0 at the position
+  after the last real token and attends to the real tokens before it and to itself, so every pad of a run (e.g. all
+  pads after a response's stop token) computes the same output, and one token per run stands for all of them. Not
+  under a sliding window shorter than the row: each pad then sees the keys of its own window, so each is a token.
+
+The idea is the "remove padding" of ByteDance's Effective Transformer (2020) and the unpad/pad around
+flash-attention's varlen kernels (Dao et al. 2022); here the attention grid keeps it exact on any SDPA backend.
+
+`PaddingFreeCausalLM` and `PaddingFreeRewardModel` are model.py's two models with forwards that do this: they take
+and return what the plain models do, so the loops never see it (reward.py and PPO load them while padding_free is on,
+the default). Their blocks are `PackedBlock`s: the same modules and weights, called as modules, so that DDP, FSDP2
+and gradient checkpointing see each forward as they do the plain model's.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minirlhf.model import Block, CausalLM, RewardModel, last_non_pad
+
+
+@dataclass
+class Packing:
+    """The N distinct tokens of a (B, T) batch. `src[b, t]`: the token in cell (b, t); `dst[i]`: the flattened cell
+    whose attention output token i takes; `kept`: the M tokens whose final outputs are read, and `kept_src[b, t]`:
+    the one of them in cell (b, t) (any of them for a cell nobody reads)."""
+
+    src: torch.Tensor  # (B, T) int64
+    dst: torch.Tensor  # (N,) int64
+    kept: torch.Tensor  # (M,) int64, ascending
+    kept_src: torch.Tensor  # (B, T) int64, indices into kept
+
+    def tokens(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, T) per-cell values (ids, positions) -> (1, N) per token."""
+        return grid.reshape(-1)[self.dst][None]
+
+    def to_grid(self, t: torch.Tensor) -> torch.Tensor:
+        """(1, heads, N, d) -> (B, heads, T, d): each cell gets its token's query, key or value."""
+        B, T = self.src.shape
+        return t[0][:, self.src.reshape(-1)].view(t.shape[1], B, T, t.shape[-1]).transpose(0, 1)
+
+    def from_grid(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, T, heads, d) attention outputs -> (1, N, heads, d), each token's from its own cell."""
+        return y.reshape(-1, *y.shape[2:])[self.dst][None]
+
+    def kept_queries(self, q, k, v, mask):
+        """Attention of the last layer, for the kept tokens alone: (B, heads, T, d) grids -> each kept token's query
+        (M, heads, 1, d) beside its row's keys and values (M, heads, T, d) and mask row (M, 1, 1, T)."""
+        B, T = self.src.shape
+        rows, cols = self.dst[self.kept] // T, self.dst[self.kept] % T
+        if mask is None:  # causal, nothing masked
+            mask = (torch.arange(T, device=cols.device) <= cols[:, None])[:, None, None]
+        else:
+            mask = mask[rows, :, cols][:, :, None]
+        return q[rows, :, cols][:, :, None], k[rows], v[rows], mask
+
+
+def pack(attention_mask: torch.Tensor, used: torch.Tensor | None = None, window: int | None = None,
+         shared_from: torch.Tensor | None = None, shared_length: torch.Tensor | None = None) -> Packing:
+    """The Packing of a (B, T) batch with `attention_mask` (1 = real token).
+
+    used: (B, T) bool, the cells whose outputs are read, pads included (None: every real cell).
+    window: the model's shortest sliding window (None: none).
+    shared_from, shared_length: (B,) row r's first shared_length[r] cells hold the same tokens, at the same columns
+    and positions, as row shared_from[r] (which shares nothing itself), e.g. a rejected side's prompt.
+    """
+    B, T = attention_mask.shape
+    real = attention_mask.bool()
+    cols = torch.arange(T, device=real.device)
+    shared = torch.zeros_like(real)
+    if shared_length is not None:
+        shared = real & (cols < shared_length[:, None])
+    used = real if used is None else used.bool()
+    used_pad = ~real & used
+    if window is None or T <= window:  # one token per run of used pads
+        used_pad = used_pad & ~F.pad(used_pad[:, :-1], (1, 0), value=False)
+    is_token = (real & ~shared) | used_pad
+    index = is_token.reshape(-1).cumsum(0).view(B, T) - 1
+    # any other cell takes the last token before it in its row: for a used pad that is its run's token; the rest
+    # (left padding, pads nobody reads) are masked as keys and their outputs dropped, so any token will do
+    src = torch.where(is_token, index, -1).cummax(dim=1).values.clamp(min=0)
+    if shared_length is not None:
+        src = torch.where(shared, src[shared_from], src)
+    kept = src[used].unique()
+    kept_src = torch.searchsorted(kept, src).clamp(max=len(kept) - 1)
+    return Packing(src=src, dst=is_token.reshape(-1).nonzero().squeeze(1), kept=kept, kept_src=kept_src)
+
+
+def pair_packing(attention_mask: torch.Tensor, pooled: torch.Tensor, prefix_lengths: torch.Tensor | None,
+                 window: int | None = None) -> Packing:
+    """Packing of a batch read at one (B,) `pooled` column per row; prefix_lengths (B / 2,): for a reward batch of
+    chosen rows then rejected rows, the tokens each pair's sides share from the start, computed once, in the chosen
+    row (None: share nothing)."""
+    used = F.one_hot(pooled, attention_mask.shape[1]).bool()  # (B, T)
+    if prefix_lengths is None:
+        return pack(attention_mask, used, window)
+    rows = torch.arange(len(prefix_lengths), device=attention_mask.device)
+    return pack(attention_mask, used, window, shared_from=torch.cat([rows, rows]),
+                shared_length=torch.cat([torch.zeros_like(prefix_lengths), prefix_lengths]))
+
+
+def shared_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) how many leading tokens each pair's sides share, for a reward batch of B chosen then B rejected rows."""
+    chosen, rejected = input_ids.chunk(2)
+    real = attention_mask.bool()
+    same = (chosen == rejected) & real[: len(chosen)] & real[len(chosen) :]  # (B, T)
+    return same.long().cumprod(1).sum(1)
+
+
+def last_columns(attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, T) bool: the last `keep` columns (all when 0), the cells whose outputs logits_to_keep reads."""
+    T = attention_mask.shape[1]
+    return (torch.arange(T, device=attention_mask.device) >= T - (keep or T)).expand(attention_mask.shape)
+
+
+def shortest_window(model: nn.Module) -> int | None:
+    return min((w for w in model.cfg.sliding_windows if w is not None), default=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The forward over the distinct tokens
+
+
+class PackedBlock(Block):
+    """model.Block whose forward also runs packed: x (1, N, hidden) holds the batch's distinct tokens, and attention
+    sees them in the (B, T) grid; in the `last` layer only the kept tokens' queries and outputs are computed."""
+
+    def forward(self, x, cos, sin, mask, cache=None, packing: Packing | None = None, last: bool = False):
+        if packing is None:
+            return super().forward(x, cos, sin, mask, cache)
+        q, k, v = (packing.to_grid(t) for t in self.attn.project(self.attn_norm(x), cos, sin))  # (B, heads, T, d)
+        if last:  # the last layer: queries of the kept tokens only
+            q, k, v, mask = packing.kept_queries(q, k, v, mask)
+        y = self.attn.attend(q, k, v, mask, is_causal=mask is None).transpose(1, 2)  # (B or M, T or 1, heads, d)
+        y = y.reshape(1, -1, *y.shape[2:]) if last else packing.from_grid(y)  # (1, M or N, heads, d)
+        a = self.attn_resid_dropout(self.attn.o_proj(y.flatten(2)))
+        return self.add_mlp(x[:, packing.kept] if last else x, a)
+
+
+def packed_trunk(transformer: nn.Module, input_ids, attention_mask, position_ids, packing: Packing) -> torch.Tensor:
+    """model.Transformer's forward over the distinct tokens of a (B, T) batch: hidden states (1, M, hidden) of the
+    kept tokens (packing.kept)."""
+    B, T = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+    masks = transformer.attention_masks(attention_mask, B, T)  # the padded batch's, on the grid
+    x, cos, sin = transformer.embed_tokens(packing.tokens(input_ids), packing.tokens(position_ids))  # (1, N, hidden)
+    for i, (block, window) in enumerate(zip(transformer.blocks, transformer.cfg.sliding_windows, strict=True)):
+        last = i == len(transformer.blocks) - 1
+        if transformer.gradient_checkpointing and transformer.training and torch.is_grad_enabled():
+            x = checkpoint(block, x, cos, sin, masks[window], None, packing, last, use_reentrant=False)
+        else:
+            x = block(x, cos, sin, masks[window], None, packing, last)
+    return transformer.final_norm(x)
+
+
+def pack_blocks(model: nn.Module) -> None:
+    for block in model.transformer.blocks:
+        block.__class__ = PackedBlock  # the same module, with the forward above (no weights are made again)
+
+
+class PaddingFreeCausalLM(CausalLM):
+    """CausalLM whose forward computes no pads: the same logits. Sampling (with a KV cache) runs the plain forward."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        pack_blocks(self)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0):
+        if cache is not None or attention_mask is None:  # one token at a time, or nothing masked: nothing to skip
+            return super().forward(input_ids, attention_mask, position_ids, cache, logits_to_keep)
+        packing = pack(attention_mask, last_columns(attention_mask, logits_to_keep), shortest_window(self))
+        h = packed_trunk(self.transformer, input_ids, attention_mask, position_ids, packing)[0]  # (M, hidden)
+        tokens, cells = packing.kept_src[:, -logits_to_keep:].unique(return_inverse=True)
+        return self.logits(h[tokens])[cells]  # each distinct token projected once: (B, logits_to_keep, vocab)
+
+
+class PaddingFreeRewardModel(RewardModel):
+    """RewardModel whose forward and token_scores compute no pads: the same scores. `shared_prefix` (set by reward
+    training, whose batches hold B chosen then B rejected rows): a pair's common prefix is computed once, while no
+    dropout is on (one dropout draw would serve both sides)."""
+
+    shared_prefix = False
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        pack_blocks(self)
+
+    def token_scores(self, input_ids, attention_mask=None, position_ids=None, scores_to_keep: int = 0):
+        if attention_mask is None:
+            return super().token_scores(input_ids, attention_mask, position_ids, scores_to_keep)
+        packing = pack(attention_mask, last_columns(attention_mask, scores_to_keep), shortest_window(self))
+        h = packed_trunk(self.transformer, input_ids, attention_mask, position_ids, packing)[0]  # (M, hidden)
+        return self.score(h)[packing.kept_src[:, -scores_to_keep:]]  # (B, scores_to_keep, num_labels)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        if attention_mask is None or self.cfg.pad_token_id is None:  # (the plain forward says what it lacks)
+            return super().forward(input_ids, attention_mask, position_ids)
+        pooled = last_non_pad(input_ids, self.cfg.pad_token_id)  # (B,) the cell each row is read at
+        dropout = self.training and any(m.p > 0 for m in self.modules() if isinstance(m, nn.Dropout))
+        prefix_lengths = shared_prefix_lengths(input_ids, attention_mask) if (
+            self.shared_prefix and not dropout) else None
+        packing = pair_packing(attention_mask, pooled, prefix_lengths, shortest_window(self))
+        h = packed_trunk(self.transformer, input_ids, attention_mask, position_ids, packing)[0]  # (M, hidden)
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        return self.score(h[packing.kept_src[rows, pooled]])  # (B, num_labels)
