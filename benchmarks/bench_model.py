@@ -38,8 +38,7 @@ import transformers
 
 from minirlhf import CausalLM
 from minirlhf.generate import generate
-from minirlhf.infra.hf import config_from_hf, load_pretrained
-from minirlhf.infra.hf import init_weights
+from minirlhf.infra.hf import config_from_hf, init_weights, load_pretrained
 
 MODELS = {  # name -> (model_type, transformers config fields)
     "tiny-llama": ("llama", dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -94,7 +93,7 @@ def train_step(model, input_ids: torch.Tensor) -> None:
 
 def greedy(model, queries: torch.Tensor) -> torch.Tensor:
     if isinstance(model, CausalLM):
-        return generate(model, queries, PAD, GEN_NEW_TOKENS, do_sample=False).query_responses
+        return generate(model, queries, PAD, GEN_NEW_TOKENS, temperature=1e-10).query_responses  # greedy
     mask = queries != PAD
     return model.generate(input_ids=queries, attention_mask=mask, max_new_tokens=GEN_NEW_TOKENS, do_sample=False,
                           use_cache=True, pad_token_id=PAD)

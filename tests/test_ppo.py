@@ -603,8 +603,8 @@ def _gathered_generation_worker(rank: int, world_size: int, port: int, folder: s
     queries = torch.tensor([[PAD, 5, 6], [7, 8, 9]])
     steps = 3 + 4 * rank  # the ranks stop at different steps: a forward that communicated would hang
     with gathered_weights(sharded, "full_shard auto_wrap"):
-        ours = generate(sharded, queries, PAD, steps, do_sample=False)
-    reference = generate(whole, queries, PAD, steps, do_sample=False)
+        ours = generate(sharded, queries, PAD, steps, temperature=1e-10)  # greedy
+    reference = generate(whole, queries, PAD, steps, temperature=1e-10)
     sharded(queries.masked_fill(queries == PAD, 0)).sum().backward()  # sharded again: training works as before
     torch.save({"equal": torch.equal(ours.query_responses, reference.query_responses),
                 "sharded_grad": isinstance(sharded.lm_head.weight.grad, DTensor)}, Path(folder) / f"gen{rank}.pt")
