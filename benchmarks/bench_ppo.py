@@ -152,6 +152,8 @@ def run_ours(folder: Path, spec: dict, precision: torch.dtype | None, lora: bool
     from minirlhf.data import collate_prompts
     from minirlhf.infra.hf import load_pretrained
     from minirlhf.infra.lora import LORA_DEFAULT, adapters_disabled, add_lora
+    from minirlhf.infra.packing import PaddingFreeCausalLM, PaddingFreeRewardModel
+    from minirlhf.infra.run import autocast
     from minirlhf.infra.tokenizer import Tokenizer
     from minirlhf.model import CausalLM, PolicyAndValue, RewardModel
     from minirlhf.optim import AdamW, param_groups
@@ -165,11 +167,13 @@ def run_ours(folder: Path, spec: dict, precision: torch.dtype | None, lora: bool
                          stop_token="eos" if spec["stop"] else None, **({"padding_free": False} if padded else {}))
     args.set_runtime_sizes(1, len(prompts))
     pad = Tokenizer.from_pretrained(folder / "policy").pad_token_id
-    policy = load_pretrained(CausalLM, str(folder / "policy"))
-    ref_policy = None if lora else load_pretrained(CausalLM, str(folder / "policy"))
+    # padding_free: the models' padding-free twins, as ppo's setup loads them
+    causal_lm, reward_cls = (CausalLM, RewardModel) if padded else (PaddingFreeCausalLM, PaddingFreeRewardModel)
+    policy = load_pretrained(causal_lm, str(folder / "policy"))
+    ref_policy = None if lora else load_pretrained(causal_lm, str(folder / "policy"))
     if lora:  # PPO's dropout is off, so the adapters' too
         add_lora(policy, r=16, alpha=32, dropout=0.0, target_modules=LORA_DEFAULT)
-    value_model, reward_model = (load_pretrained(RewardModel, str(folder / "reward")) for _ in range(2))
+    value_model, reward_model = (load_pretrained(reward_cls, str(folder / "reward")) for _ in range(2))
     model = PolicyAndValue(policy, value_model).train()
     optimizer = AdamW(param_groups(model, 0.0), lr=args.learning_rate)
     times, sampling, episodes = [], 0.0, []
@@ -177,13 +181,14 @@ def run_ours(folder: Path, spec: dict, precision: torch.dtype | None, lora: bool
         start = time.perf_counter()
         queries = collate_prompts(prompts[(update - 1) * BATCH : update * BATCH], pad)["input_ids"]  # file order
         torch.manual_seed(SEED + update)  # TRL's side seeds the same before the same update's sampling
-        query_responses, logprobs = rollout.sample_responses(policy, queries, args, pad, stop_token_id, precision)
+        with autocast(queries.device, precision):
+            query_responses, logprobs = rollout.sample_responses(policy, queries, args, pad, stop_token_id)
         if update > 1:
             sampling += time.perf_counter() - start
             episodes += episode_lengths(queries, query_responses, pad, spec["stop"])
-        with adapters_disabled(policy):  # LoRA: the reference is the policy without its adapters (else: no-op)
+        with autocast(queries.device, precision), adapters_disabled(policy):  # LoRA: the reference is the base
             rollouts = rollout.score_responses(ref_policy or policy, value_model, reward_model, queries,
-                                               query_responses, logprobs, args, pad, stop_token_id, precision)
+                                               query_responses, logprobs, args, pad, stop_token_id)
         batch = ppo.compute_advantages(rollouts, args, EOS)
         ppo.ppo_update(model, optimizer, batch, args, pad, ppo.minibatch_orders(args, update), precision)
         times.append(time.perf_counter() - start)

@@ -137,21 +137,21 @@ def settings(dataset: str, gradient_checkpointing: bool, warmup: int, steps: int
 
 
 def run_ours(data: Path, model: Path, cfg: dict, output_dir: Path, bf16: bool, extra: list[str]) -> dict:
-    from minirlhf import common, reward
+    from minirlhf import reward
+    from minirlhf.infra import metrics
 
     step_ends, start_rss = [], []
-    init, update = common.MetricsLogger.__init__, common.MetricsLogger.update
+    init, update = metrics.MetricsLogger.__init__, metrics.MetricsLogger.update
 
     def timed_init(self, *args, **kwargs):  # created right before the loop: the model, data and optimizer are set up
         start_rss.append(rss_mib())
         init(self, *args, **kwargs)
 
-    def timed_update(self, steps: int = 1):  # called once per optimizer step (and with the resume step at start-up)
-        if steps == 1:
-            step_ends.append(time.perf_counter())
-        update(self, steps)
+    def timed_update(self):  # called once per optimizer step
+        step_ends.append(time.perf_counter())
+        update(self)
 
-    common.MetricsLogger.__init__, common.MetricsLogger.update = timed_init, timed_update
+    metrics.MetricsLogger.__init__, metrics.MetricsLogger.update = timed_init, timed_update
     reward.main([f"--model_name_or_path={model}", f"--dataset_name={data}", f"--output_dir={output_dir}",
                  "--disable_tqdm=true", "--report_to=none", "--dtype=float32", f"--bf16={str(bf16).lower()}",
                  *[f"--{k}={str(v).lower()}" for k, v in cfg.items()], *extra])

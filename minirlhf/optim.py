@@ -7,16 +7,8 @@
   "constant_with_warmup"); `steps_from` is `TrainingArguments.get_warmup_steps`, also used for logging/eval/save steps.
 
 Left out: amsgrad, maximize, closures, foreach/fused kernels (on CPU a per-parameter loop is as fast as foreach),
-and the other transformers schedules.
-
-Usage (`step` = number of optimizer steps already taken; the LR logged is the one this step uses, as in 5.23):
-
-    optimizer = AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=(beta1, beta2), eps=eps)
-    warmup = steps_from(warmup_steps, total_steps)
-    kwargs = schedule_kwargs(lr_scheduler_type, lr_scheduler_kwargs)
-    lr = learning_rate * lr_multiplier(step, total_steps, warmup, lr_scheduler_type, **kwargs)
-    set_lr(optimizer, lr)
-    optimizer.step()
+and the other transformers schedules. The loops set the learning rate of each step themselves (`set_lr`): the one
+after `step` completed steps, `learning_rate * lr_multiplier(step, ...)`, is the one logged, as in transformers 5.23.
 """
 
 import math

@@ -25,7 +25,7 @@ def _seed_dtype_threads():
 
 @pytest.fixture(autouse=True)
 def _restore_signal_handlers():
-    """A main() called in-process installs SIGTERM/SIGINT handlers (training.StopSignal); put pytest's back."""
+    """A main() called in-process installs SIGTERM/SIGINT handlers (infra.run.StopSignal); put pytest's back."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     yield
     for signum, handler in handlers.items():

@@ -43,7 +43,7 @@ def test_matches_peft(base, tmp_path):
         for n, p in ours.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)  # a trained adapter: B away from its zero init
-    save_adapter(ours, tmp_path / "adapter", 4, 8, 0.0, str(base))
+    save_adapter(ours, tmp_path / "adapter", str(base))
 
     theirs = peft.PeftModel.from_pretrained(
         transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager"), tmp_path / "adapter")

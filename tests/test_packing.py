@@ -16,7 +16,6 @@ from minirlhf.infra.packing import (
     PaddingFreeRewardModel,
     last_columns,
     pack,
-    pair_packing,
     shared_prefix_lengths,
 )
 from minirlhf.losses import reward_loss
@@ -139,7 +138,8 @@ def test_shared_prefix_reward_equals_padded(family, pad_is_eos, tmp_path):
         results[name] = (rewards.detach(), loss.detach(), grads(model))
     n_real = int(batch["attention_mask"].sum())
     pooled = last_non_pad(batch["input_ids"], pad_id)
-    assert len(pair_packing(batch["attention_mask"], pooled, prefix).dst) == n_real - int(prefix.sum())
+    used = torch.nn.functional.one_hot(pooled, batch["input_ids"].shape[1])
+    assert len(pack(batch["attention_mask"], used, pair_prefix_lengths=prefix).dst) == n_real - int(prefix.sum())
     for name in ("plain", "shared"):
         torch.testing.assert_close(results[name][0], results["padded"][0], **TOL)
         torch.testing.assert_close(results[name][1], results["padded"][1], **TOL)
@@ -154,6 +154,5 @@ def test_pack_layout_by_hand():
     assert packing.dst.tolist() == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
     assert packing.src.tolist() == [[0, 0, 1, 2, 3, 3], [4, 5, 6, 7, 8, 9]]
     assert packing.kept.tolist() == [1, 2, 3, 6, 7, 8, 9]  # the last layer skips the first query tokens
-    shared = pack(torch.ones(2, 4, dtype=torch.long), shared_from=torch.tensor([0, 0]),
-                  shared_length=torch.tensor([0, 3]))
+    shared = pack(torch.ones(2, 4, dtype=torch.long), pair_prefix_lengths=torch.tensor([3]))
     assert shared.src.tolist() == [[0, 1, 2, 3], [0, 1, 2, 4]]

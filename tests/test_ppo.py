@@ -406,10 +406,8 @@ def test_bf16_autocast_tracks_fp32(tiny_models):
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> tuple[Path, list[str]]:
     """The shipped toy task with a random SFT policy and reward model, and PPO flags for a 4-update run."""
-    from minirlhf.infra import toytask
-
     folder = tmp_path_factory.mktemp("toy")
-    toytask.write(folder / "task")
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs" / "toytask", folder / "task")
     torch.manual_seed(0)
     policy = load_pretrained(CausalLM, str(folder / "task" / "model"), new_model=True)
     save_pretrained(policy, str(folder / "sft"))

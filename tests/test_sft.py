@@ -4,6 +4,7 @@ ranks (DDP and FSDP2) against one process."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,6 @@ import pytest
 import torch
 
 from minirlhf.data import collate_sft, prepare_sft_dataset
-from minirlhf.infra import toytask
 from minirlhf.infra.hf import load_pretrained
 from minirlhf.infra.tokenizer import Tokenizer
 from minirlhf.losses import completion_loss
@@ -27,7 +27,7 @@ def toy(tmp_path_factory) -> Path:
     import transformers
 
     folder = tmp_path_factory.mktemp("toy")
-    toytask.write(folder)
+    shutil.copytree(ROOT / "configs" / "toytask", folder, dirs_exist_ok=True)
     torch.manual_seed(0)
     config = transformers.AutoConfig.from_pretrained(folder / "model")
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder / "hf")

@@ -1,6 +1,7 @@
 """The shipped toy task (configs/toytask): regenerates byte for byte, pairs are ordered by the gold score and matched
 in length, no prompt-blind score separates them, and transformers loads the model folder with the ids we expect."""
 
+import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -12,6 +13,9 @@ from tokenizers import Tokenizer
 from minirlhf.infra import toytask
 
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "toytask"
+_spec = importlib.util.spec_from_file_location("make_toytask", SHIPPED / "make.py")
+make = importlib.util.module_from_spec(_spec)  # the writer of the shipped files, beside them
+_spec.loader.exec_module(make)
 WORD_CATEGORY = {w: c for c, words in toytask.CATEGORIES.items() for w in words}
 
 
@@ -27,9 +31,10 @@ def theirs_gold(prompt: str, response: str) -> float:
 
 
 def test_regenerating_gives_the_shipped_files(tmp_path):
-    toytask.write(tmp_path)
+    make.write(tmp_path)
     ours = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    theirs = sorted(p.relative_to(SHIPPED) for p in SHIPPED.rglob("*") if p.is_file())
+    theirs = sorted(p.relative_to(SHIPPED) for p in SHIPPED.rglob("*") if p.is_file() and p.suffix != ".py"
+                    and "__pycache__" not in p.parts)
     assert ours == theirs
     for name in ours:
         assert (tmp_path / name).read_bytes() == (SHIPPED / name).read_bytes(), name
@@ -48,7 +53,7 @@ def test_gold_score_by_hand():
 @pytest.mark.parametrize("name", ["preference/train.jsonl", "preference/test.jsonl"])
 def test_pairs_are_ordered_by_gold_and_matched_in_length(name):
     rows = read_rows(name)
-    assert len(rows) == toytask.SIZES[name.removesuffix(".jsonl")]
+    assert len(rows) == make.SIZES[name.removesuffix(".jsonl")]
     for i, row in enumerate(rows):
         assert set(row) == {"prompt", "chosen", "rejected"}, i
         assert row["chosen"].startswith(" ") and row["rejected"].startswith(" "), i  # TRL concatenates strings
@@ -76,15 +81,15 @@ def test_prompt_blind_scores_are_at_chance():
 
 
 def test_sft_and_prompt_rows():
-    vocab = set(toytask.vocabulary())
+    vocab = set(make.vocabulary())
     sft = read_rows("sft/train.jsonl") + read_rows("sft/test.jsonl")
     for i, row in enumerate(sft):
         assert set(row) == {"prompt", "completion"} and row["completion"].startswith(" "), i
         words = row["completion"].split()
-        assert toytask.MIN_WORDS <= len(words) <= toytask.MAX_WORDS and set(words) <= vocab - {"<|endoftext|>"}, i
+        assert make.MIN_WORDS <= len(words) <= make.MAX_WORDS and set(words) <= vocab - {"<|endoftext|>"}, i
     # Mediocre on purpose: the mean gold score is about SFT_ON_TOPIC, far below the best possible 1.0.
     mean_gold = sum(theirs_gold(r["prompt"], r["completion"]) for r in sft) / len(sft)
-    assert abs(mean_gold - toytask.SFT_ON_TOPIC) < 0.03
+    assert abs(mean_gold - make.SFT_ON_TOPIC) < 0.03
     prompts = {t.format(c) for t in toytask.TEMPLATES for c in toytask.CATEGORIES}
     for name in ["prompts/train.jsonl", "prompts/test.jsonl"]:
         rows = read_rows(name)
@@ -114,14 +119,14 @@ def test_tokenizer_roundtrip_and_transformers_ids():
 def test_autoconfig_loads_the_model_config():
     config = transformers.AutoConfig.from_pretrained(SHIPPED / "model")
     assert isinstance(config, transformers.LlamaConfig)
-    assert config.vocab_size == len(toytask.vocabulary()) == Tokenizer.from_file(
+    assert config.vocab_size == len(make.vocabulary()) == Tokenizer.from_file(
         str(SHIPPED / "model" / "tokenizer.json")).get_vocab_size()
     assert (config.eos_token_id, config.pad_token_id, config.num_hidden_layers) == (0, 1, 2)
     assert config.rope_parameters["rope_theta"] == 10000.0
 
 
 def test_chat_format_renders_as_the_plain_format():
-    """The toy chat template (toytask.CHAT_TEMPLATE) renders a conversation as the plain-text format: SFT rows as
+    """The toy chat template (make.CHAT_TEMPLATE) renders a conversation as the plain-text format: SFT rows as
     conversations give the same ids and completion mask, and chat prompts the same queries; transformers' template
     rendering agrees."""
     from minirlhf.data import prepare_prompt_dataset, prepare_sft_dataset

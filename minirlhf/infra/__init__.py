@@ -1,10 +1,9 @@
 """The machine room: what makes minirlhf run anywhere and survive anything, and what a first reading skips.
 
-Configuration and `--help` (config.py), a run's lifecycle: output_dir checks, stop signals, the non-finite guard,
-checkpoints and final saves (run.py, checkpoint.py, metrics.py), several ranks (parallel.py), padding-free forwards
-(packing.py), LoRA (lora.py), Hugging Face files and tokenizers (hf.py, tokenizer.py, files.py), PPO's loading and
-text scoring (ppo_setup.py, completions.py) and the shipped toy task (toytask.py). In one process, without LoRA, every
-call into it from the reading floor is a no-op, I/O, or an optimisation with the same results.
+Config and `--help`, a run's lifecycle (output_dir checks, stop signals, the non-finite guard, checkpoints, final
+saves, metrics), several ranks, padding-free forwards, LoRA, Hugging Face files and tokenizers, PPO's loading and text
+scoring, the toy task. Without LoRA and in one process, what the reading floor calls here is I/O, a no-op or a
+shortcut with the same results.
 """
 
 import os

@@ -3,15 +3,12 @@
 `checkpoint-<step>/` holds the model in Hugging Face layout (transformers loads it as is), the tokenizer, and the
 training state: `optimizer.pt` (AdamW moments), `trainer_state.json` (step, epoch, data position, logging
 accumulators), `rng_state_<rank>.pth` (Python, NumPy, torch and CUDA generators of every rank) and `config.toml`.
-Under FSDP the weights and moments are gathered and saved whole, so the files are the same as without it. A LoRA
-model is saved as its adapter in PEFT's layout (`adapter_model.safetensors`, `adapter_config.json`): what trains,
-while the frozen base is loaded again from the starting model on resume.
+Under FSDP the weights and moments are saved whole, so the files are the same as without it. A LoRA model saves its
+adapter in PEFT's layout; its frozen base is loaded again from the starting model on resume.
 A checkpoint is written into a temporary folder, its files fsync'ed, and renamed into place, so a crash (even
-kill -9) never leaves a half-written `checkpoint-<step>` behind; the oldest ones of the same run beyond
-`save_total_limit` are then deleted, renamed away first so that a crash mid-deletion leaves no partial checkpoint
-either. trainer_state.json names the trainer and a run id: resuming takes only a checkpoint of the same kind, and
-save_total_limit counts only this run's checkpoints. This is not the same thing as a Hugging Face export (nanochat
-keeps them apart too): the export is only the model folder.
+kill -9) never leaves a half-written `checkpoint-<step>`; the oldest ones of the same run beyond `save_total_limit`
+are then renamed away and deleted. trainer_state.json names the trainer and a run id: resuming takes only a
+checkpoint of the same kind, and save_total_limit counts only this run's checkpoints.
 """
 
 import contextlib
@@ -27,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from minirlhf.infra.hf import load_pretrained, save_pretrained
-from minirlhf.infra.lora import load_adapter, lora_layers, lora_settings, save_adapter
+from minirlhf.infra.lora import load_adapter, lora_layers, save_adapter
 from minirlhf.infra.parallel import full_model_state, full_optimizer_state, load_optimizer_state
 
 
@@ -184,7 +181,7 @@ def agreed():
 def save_weights(model, folder: Path, state_dict: dict) -> None:
     """A model in Hugging Face layout, or a LoRA model's adapter (and score head) alone: its base never changes."""
     if lora_layers(model):
-        save_adapter(model, folder, *lora_settings(model), base_model_path=None)  # the base: config.toml's path
+        save_adapter(model, folder, base_model_path=None)  # the base: config.toml's path
     else:
         save_pretrained(model, str(folder), state_dict=state_dict)
 

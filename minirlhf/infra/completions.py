@@ -1,10 +1,7 @@
-"""What PPO scores and logs besides the reward model's own scores of the policy's ids: functions of the texts
-(TRL GRPO/RLOO's reward functions, and minirlhf's metric functions), a reward model with its own tokenizer (the
-texts rendered again for it), the near-greedy sample completions a run logs as it trains (TRL's
-`generate_completions`, trl/experimental/ppo/ppo_trainer.py), and the time each phase of an update takes.
-
-Text functions take TRL's reward-function arguments, `f(prompts=[...], completions=[...]) -> [float, ...]`, named in a
-config as "package.module:function".
+"""What PPO scores and logs besides the reward model's scores of the policy's ids: functions of the texts (TRL
+GRPO/RLOO's reward functions, minirlhf's metric functions: `f(prompts=[...], completions=[...]) -> [float, ...]`, named
+"package.module:function"), a reward model with its own tokenizer (the texts rendered again for it), the near-greedy
+sample completions TRL's `generate_completions` logs, and the time each phase of an update takes.
 """
 
 import json
@@ -129,11 +126,11 @@ def sample_completions(setup, args, precision: torch.dtype | None, num_batches: 
     """TRL's generate_completions: near-greedy responses (temperature 0.01) to the first `num_batches` full eval
     batches (all if None), truncated at the stop token and scored as in training without the EOS penalty (reward
     model, plus the weighted reward functions), and by each metric function."""
-    policy, reward_model, tokenizer = setup.policy, setup.reward_model, setup.tokenizer
+    policy, tokenizer, eval_dataset = setup.policy, setup.tokenizer, setup.eval_dataset
     stop_token_id = tokenizer.eos_token_id if args.stop_token == "eos" else args.stop_token_id
     device = next(policy.parameters()).device
     generator = torch.Generator(device).manual_seed(args.seed)  # own stream: the training RNG is left as it was
-    batch_size, pad_token_id, eval_dataset = args.per_device_eval_batch_size, tokenizer.pad_token_id, setup.eval_dataset
+    batch_size, pad_token_id = args.per_device_eval_batch_size, tokenizer.pad_token_id
     rows = []
     with gathered_weights(policy, args.fsdp):  # FSDP: the whole policy for generating; the reward model stays sharded
         for start in range(0, len(eval_dataset) // batch_size * batch_size, batch_size)[:num_batches]:
@@ -142,25 +139,20 @@ def sample_completions(setup, args, precision: torch.dtype | None, num_batches: 
             with autocast(device, precision):
                 out = generate(policy, query, pad_token_id, args.response_length, temperature=0.01 + 1e-7,
                                stop_token_id=stop_token_id, generator=generator)
-            postprocessed_response = out.query_responses[:, context_length:]
+            response = out.query_responses[:, context_length:]
             if stop_token_id is not None:
-                postprocessed_response = truncate_response(stop_token_id, pad_token_id, postprocessed_response)
-            score = torch.zeros(len(query), device=device)
-            if setup.reward_tokenizer is not None:
-                score = reward_model_scores(reward_model, setup.reward_tokenizer, tokenizer, query,
-                                            postprocessed_response, setup.conversations, precision)
-            elif reward_model is not None:
+                response = truncate_response(stop_token_id, pad_token_id, response)
+            scored = {"postprocessed_responses": response, "raw_scores": torch.zeros(len(query), device=device)}
+            if setup.reward_model is not None and setup.reward_tokenizer is None:
                 with autocast(device, precision):
-                    _, score, _ = get_reward(reward_model, torch.cat((query, postprocessed_response), 1),
-                                             pad_token_id, context_length)
+                    _, scored["raw_scores"], _ = get_reward(setup.reward_model, torch.cat((query, response), 1),
+                                                            pad_token_id, context_length)
+            extra = add_text_scores(scored, setup, query, precision)
             queries = tokenizer.batch_decode(query.tolist(), skip_special_tokens=True)
-            responses = tokenizer.batch_decode(postprocessed_response.tolist())  # special tokens kept, as TRL
-            extra = text_scores({**setup.metric_funcs, **setup.reward_funcs}, tokenizer, query, postprocessed_response,
-                                setup.conversations)
-            if setup.reward_weights:
-                score = score + weighted_sum(extra, setup.reward_weights, device)
+            responses = tokenizer.batch_decode(response.tolist())  # special tokens kept, as TRL
+            scores = scored["raw_scores"].float().tolist()
             rows += [{"query": q, "response": r, "score": s, **{name: v[i] for name, v in extra.items()}}
-                     for i, (q, r, s) in enumerate(zip(queries, responses, score.float().tolist(), strict=True))]
+                     for i, (q, r, s) in enumerate(zip(queries, responses, scores, strict=True))]
     return rows
 
 

@@ -8,11 +8,9 @@ syntax alone (`learning_rate: 1.0e-5` -> `learning_rate = 1.0e-5`, strings quote
 "none" (or "null") sets an optional field to None, in a file as on the command line.
 
 References: transformers 5.23 `TrainingArguments` (training_args.py) with TRL's `_BaseConfig` overrides
-(trl/trainer/base_config.py), TRL's `ModelConfig` (trl/trainer/model_config.py) and `ScriptArguments`
-(trl/scripts/utils.py). bf16 "auto" is resolved by `common.resolve_precision` (it depends on the device). A
-TrainingArguments field that a trainer does not use is in its `unused`, refused unless left at its default.
-
-Usage: `cfg = parse_config_or_exit(RewardConfig, sys.argv[1:])`, then `save_config(cfg, path)` (parse_config reads it).
+(trl/trainer/base_config.py), TRL's `ModelConfig` and `ScriptArguments`. bf16 "auto" is resolved by
+`run.resolve_precision` (it depends on the device). A TrainingArguments field that a trainer does not use is in its
+`unused`, refused unless left at its default.
 """
 
 import ast

@@ -124,12 +124,6 @@ def merged(model: nn.Module) -> nn.Module:
     return out
 
 
-def lora_settings(model: nn.Module) -> tuple[int, float, float]:
-    """(r, alpha, dropout) of a model's adapters as add_lora made them (every layer shares them)."""
-    layer = next(iter(lora_layers(model).values()))
-    return layer.r, layer.alpha, layer.dropout_p
-
-
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Everything that trains, by its name in PEFT's adapter_model.safetensors: base_model.model.<HF module>.lora_A
     .weight / lora_B.weight, and a reward model's whole score head (PEFT's modules_to_save)."""
@@ -143,17 +137,18 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
-def save_adapter(model: nn.Module, folder: str | Path, r: int, alpha: float, dropout: float,
-                 base_model_path: str | None) -> None:
-    """adapter_config.json and adapter_model.safetensors (adapter_parameters) in PEFT's layout."""
+def save_adapter(model: nn.Module, folder: str | Path, base_model_path: str | None) -> None:
+    """adapter_config.json and adapter_model.safetensors (adapter_parameters) in PEFT's layout; r, alpha and dropout
+    as add_lora set them (every layer shares them)."""
+    layer = next(iter(lora_layers(model).values()))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous() for name, p in adapter_parameters(model).items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     seq_cls = isinstance(model, RewardModel)
     targets = sorted({name.rpartition(".")[2] for name in lora_layers(model)})
-    config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-              "lora_dropout": dropout, "target_modules": targets, "bias": "none",
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM", "r": layer.r,
+              "lora_alpha": layer.alpha, "lora_dropout": layer.dropout_p, "target_modules": targets, "bias": "none",
               "base_model_name_or_path": base_model_path, "fan_in_fan_out": False, "inference_mode": True,
               "modules_to_save": ["score"] if seq_cls else None}
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

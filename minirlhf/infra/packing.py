@@ -1,24 +1,18 @@
-"""Padding-free forwards: each distinct token of a padded batch goes through the weights once.
+"""Padding-free forwards: each distinct token of a padded batch goes through the weights once (docs/padding-free.md).
 
-A padded (B, T) batch spends the matmuls of every layer on pads, and a preference pair spends them twice on the
-prompt its chosen and rejected sides share. `Packing` lists the batch's distinct tokens: N of them run as one
-(1, N) sequence through embeddings, projections, MLPs and norms. Only attention sees them in the (B, T) grid again,
-gathered into their cells and masked exactly as the padded batch is; each token's output is read back from one cell.
-So every output equals the padded forward's, position by position (the grid's attention is the same computation),
-and only the arithmetic on pads and on repeated prefixes is gone. The last layer runs only for the tokens whose
-outputs are read (`used`: a reward model reads one cell per row, PPO the response): the others' keys and values are
-all it needs from them. Gathering is autograd's index_select, whose backward sums the copies: a shared prompt
-token's keys and values get the gradient of both rows that read them.
+A padded (B, T) batch spends every layer's matmuls on pads, and a preference pair spends them twice on the prompt its
+sides share. `Packing` lists the batch's N distinct tokens, which run as one (1, N) sequence through embeddings,
+projections, MLPs and norms; only attention sees them in the (B, T) grid again, gathered into their cells and masked
+as the padded batch is. So every output equals the padded forward's, position by position, and only the arithmetic on
+pads and repeated prefixes is gone. The last layer runs only for the tokens whose outputs are read (`used`); the
+others' keys and values are all it needs from them. Gathering is autograd's index_select, whose backward sums the
+copies: a shared prompt token gets the gradient of both rows that read it.
 
-Which cells are distinct tokens:
-- every real cell (attention mask 1), except one that repeats the same column of another row (a shared prefix);
-- of padding, only cells whose outputs are used (`used`): a padded position reads token id 0 at the position
-  after the last real token and attends to the real tokens before it and to itself, so every pad of a run (e.g. all
-  pads after a response's stop token) computes the same output, and one token per run stands for all of them. Not
-  under a sliding window shorter than the row: each pad then sees the keys of its own window, so each is a token.
-
-The idea is the "remove padding" of ByteDance's Effective Transformer (2020) and the unpad/pad around
-flash-attention's varlen kernels (Dao et al. 2022); here the attention grid keeps it exact on any SDPA backend.
+Distinct tokens are every real cell but those repeating another row's prefix, and of padding only the used cells: a
+pad reads token id 0 at the position after the last real token and attends to the real tokens before it and itself,
+so one token stands for a whole run of pads (not under a sliding window shorter than the row, where each pad sees
+its own window). The idea is the "remove padding" of ByteDance's Effective Transformer (2020) and the unpad/pad
+around flash-attention's varlen kernels (Dao et al. 2022); the attention grid keeps it exact on any SDPA backend.
 
 `PaddingFreeCausalLM` and `PaddingFreeRewardModel` are model.py's two models with forwards that do this: they take
 and return what the plain models do, so the loops never see it (reward.py and PPO load them while padding_free is on,
@@ -73,20 +67,20 @@ class Packing:
 
 
 def pack(attention_mask: torch.Tensor, used: torch.Tensor | None = None, window: int | None = None,
-         shared_from: torch.Tensor | None = None, shared_length: torch.Tensor | None = None) -> Packing:
+         pair_prefix_lengths: torch.Tensor | None = None) -> Packing:
     """The Packing of a (B, T) batch with `attention_mask` (1 = real token).
 
     used: (B, T) bool, the cells whose outputs are read, pads included (None: every real cell).
     window: the model's shortest sliding window (None: none).
-    shared_from, shared_length: (B,) row r's first shared_length[r] cells hold the same tokens, at the same columns
-    and positions, as row shared_from[r] (which shares nothing itself), e.g. a rejected side's prompt.
+    pair_prefix_lengths: (B / 2,) for a reward batch of B / 2 chosen rows, then B / 2 rejected ones, the leading tokens
+    each pair's sides share (same tokens, columns and positions): the rejected row's are the chosen row's.
     """
     B, T = attention_mask.shape
     real = attention_mask.bool()
-    cols = torch.arange(T, device=real.device)
     shared = torch.zeros_like(real)
-    if shared_length is not None:
-        shared = real & (cols < shared_length[:, None])
+    if pair_prefix_lengths is not None:
+        prefix = torch.cat([torch.zeros_like(pair_prefix_lengths), pair_prefix_lengths])  # (B,)
+        shared = real & (torch.arange(T, device=real.device) < prefix[:, None])
     used = real if used is None else used.bool()
     used_pad = ~real & used
     if window is None or T <= window:  # one token per run of used pads
@@ -96,24 +90,11 @@ def pack(attention_mask: torch.Tensor, used: torch.Tensor | None = None, window:
     # any other cell takes the last token before it in its row: for a used pad that is its run's token; the rest
     # (left padding, pads nobody reads) are masked as keys and their outputs dropped, so any token will do
     src = torch.where(is_token, index, -1).cummax(dim=1).values.clamp(min=0)
-    if shared_length is not None:
-        src = torch.where(shared, src[shared_from], src)
+    if pair_prefix_lengths is not None:
+        src = torch.where(shared, src[: B // 2].repeat(2, 1), src)
     kept = src[used].unique()
     kept_src = torch.searchsorted(kept, src).clamp(max=len(kept) - 1)
     return Packing(src=src, dst=is_token.reshape(-1).nonzero().squeeze(1), kept=kept, kept_src=kept_src)
-
-
-def pair_packing(attention_mask: torch.Tensor, pooled: torch.Tensor, prefix_lengths: torch.Tensor | None,
-                 window: int | None = None) -> Packing:
-    """Packing of a batch read at one (B,) `pooled` column per row; prefix_lengths (B / 2,): for a reward batch of
-    chosen rows then rejected rows, the tokens each pair's sides share from the start, computed once, in the chosen
-    row (None: share nothing)."""
-    used = F.one_hot(pooled, attention_mask.shape[1]).bool()  # (B, T)
-    if prefix_lengths is None:
-        return pack(attention_mask, used, window)
-    rows = torch.arange(len(prefix_lengths), device=attention_mask.device)
-    return pack(attention_mask, used, window, shared_from=torch.cat([rows, rows]),
-                shared_length=torch.cat([torch.zeros_like(prefix_lengths), prefix_lengths]))
 
 
 def shared_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -128,10 +109,6 @@ def last_columns(attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
     """(B, T) bool: the last `keep` columns (all when 0), the cells whose outputs logits_to_keep reads."""
     T = attention_mask.shape[1]
     return (torch.arange(T, device=attention_mask.device) >= T - (keep or T)).expand(attention_mask.shape)
-
-
-def shortest_window(model: nn.Module) -> int | None:
-    return min((w for w in model.cfg.sliding_windows if w is not None), default=None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -176,6 +153,18 @@ def pack_blocks(model: nn.Module) -> None:
         block.__class__ = PackedBlock  # the same module, with the forward above (no weights are made again)
 
 
+def shortest_window(model: nn.Module) -> int | None:
+    return min((w for w in model.cfg.sliding_windows if w is not None), default=None)
+
+
+def packed_last_columns(model: nn.Module, input_ids, attention_mask, position_ids, keep: int):
+    """Final hidden states (M, hidden) of the kept tokens, and (B, keep) which of them is in each of the last `keep`
+    cells of every row (all when 0)."""
+    packing = pack(attention_mask, last_columns(attention_mask, keep), shortest_window(model))
+    h = packed_trunk(model.transformer, input_ids, attention_mask, position_ids, packing)[0]  # (M, hidden)
+    return h, packing.kept_src[:, -keep:]
+
+
 class PaddingFreeCausalLM(CausalLM):
     """CausalLM whose forward computes no pads: the same logits. Sampling (with a KV cache) runs the plain forward."""
 
@@ -186,9 +175,8 @@ class PaddingFreeCausalLM(CausalLM):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0):
         if cache is not None or attention_mask is None:  # one token at a time, or nothing masked: nothing to skip
             return super().forward(input_ids, attention_mask, position_ids, cache, logits_to_keep)
-        packing = pack(attention_mask, last_columns(attention_mask, logits_to_keep), shortest_window(self))
-        h = packed_trunk(self.transformer, input_ids, attention_mask, position_ids, packing)[0]  # (M, hidden)
-        tokens, cells = packing.kept_src[:, -logits_to_keep:].unique(return_inverse=True)
+        h, cells = packed_last_columns(self, input_ids, attention_mask, position_ids, logits_to_keep)
+        tokens, cells = cells.unique(return_inverse=True)
         return self.logits(h[tokens])[cells]  # each distinct token projected once: (B, logits_to_keep, vocab)
 
 
@@ -206,18 +194,17 @@ class PaddingFreeRewardModel(RewardModel):
     def token_scores(self, input_ids, attention_mask=None, position_ids=None, scores_to_keep: int = 0):
         if attention_mask is None:
             return super().token_scores(input_ids, attention_mask, position_ids, scores_to_keep)
-        packing = pack(attention_mask, last_columns(attention_mask, scores_to_keep), shortest_window(self))
-        h = packed_trunk(self.transformer, input_ids, attention_mask, position_ids, packing)[0]  # (M, hidden)
-        return self.score(h)[packing.kept_src[:, -scores_to_keep:]]  # (B, scores_to_keep, num_labels)
+        h, cells = packed_last_columns(self, input_ids, attention_mask, position_ids, scores_to_keep)
+        return self.score(h)[cells]  # (B, scores_to_keep, num_labels)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         if attention_mask is None or self.cfg.pad_token_id is None:  # (the plain forward says what it lacks)
             return super().forward(input_ids, attention_mask, position_ids)
         pooled = last_non_pad(input_ids, self.cfg.pad_token_id)  # (B,) the cell each row is read at
         dropout = self.training and any(m.p > 0 for m in self.modules() if isinstance(m, nn.Dropout))
-        prefix_lengths = shared_prefix_lengths(input_ids, attention_mask) if (
-            self.shared_prefix and not dropout) else None
-        packing = pair_packing(attention_mask, pooled, prefix_lengths, shortest_window(self))
+        share = self.shared_prefix and not dropout
+        packing = pack(attention_mask, F.one_hot(pooled, input_ids.shape[1]), shortest_window(self),
+                       shared_prefix_lengths(input_ids, attention_mask) if share else None)
         h = packed_trunk(self.transformer, input_ids, attention_mask, position_ids, packing)[0]  # (M, hidden)
         rows = torch.arange(len(input_ids), device=input_ids.device)
         return self.score(h[packing.kept_src[rows, pooled]])  # (B, num_labels)

@@ -5,7 +5,7 @@ models and data -> `prepare` (resume the weights, shard or wrap, AdamW, resume i
 `scheduled_lr`, `optimizer_step`, `due` and `checkpoint_or_stop` -> `save_final`. References: transformers 5.23
 trainer.py (`Trainer._inner_training_loop`) and trainer_callback.py (`DefaultFlowCallback`).
 
-What keeps a run's work safe (README, "Reliability"): an output_dir holding another run is resumed or refused,
+What keeps a run's work safe (docs/reliability.md): an output_dir holding another run is resumed or refused,
 never silently mixed with (`check_output_dir`); SIGTERM/SIGINT end the run at a step boundary with a checkpoint
 (`StopSignal`); a non-finite loss or gradient norm stops the run before anything of it is saved, or skips that
 optimizer step (`optimizer_step`, `check_finite`; PPO: `ppo_update`); a failed save exits 2 on every rank.
@@ -316,22 +316,22 @@ def check_update(run: Run, update: int, model: nn.Module) -> None:
 
 
 def checkpoint_or_stop(run: Run, step: int, scheduled: bool, state: dict, logger) -> None:
-    """After optimizer step (PPO: update) `step`: save checkpoint-<step> when `scheduled`, or when any rank got
-    SIGTERM/SIGINT (one all-reduced flag), and then exit 128 + the signal number."""
+    """After optimizer step (PPO: update) `step`: save checkpoint-<step> when `scheduled` or when any rank got
+    SIGTERM/SIGINT (one all-reduced flag), and then say where and exit 128 + the signal number. Every rank calls it;
+    a full disk or another OS error: one line, the temporary folder removed, exit 2, the checkpoints before intact."""
     stopping = run.stop.requested(run.dist.device)
     if stopping or scheduled:
-        save(run, step, state)
+        with exit_on_os_error(f"checkpoint-{step}", Path(run.args.output_dir) / f".tmp-checkpoint-{step}"):
+            save_checkpoint(run.args.output_dir, step, run.models, run.tokenizer, run.optimizer,
+                            {**state, "trainer": run.trainer, "run_id": run.run_id, "skipped_steps": run.skipped},
+                            config_to_toml(run.args), run.dist.rank, run.args.save_total_limit)
     if stopping:
-        stop_now(run, step, logger)
-
-
-def save(run: Run, step: int, state: dict) -> None:
-    """checkpoint-<step> of this run (trainer and run id in its trainer_state.json); every rank calls it. A full disk
-    or another OS error: one line, the temporary folder removed, exit 2; the checkpoints before it are intact."""
-    with exit_on_os_error(f"checkpoint-{step}", Path(run.args.output_dir) / f".tmp-checkpoint-{step}"):
-        save_checkpoint(run.args.output_dir, step, run.models, run.tokenizer, run.optimizer,
-                        {**state, "trainer": run.trainer, "run_id": run.run_id, "skipped_steps": run.skipped},
-                        config_to_toml(run.args), run.dist.rank, run.args.save_total_limit)
+        logger.close()
+        signum = run.stop.signum or signal.SIGTERM
+        print0(f"[minirlhf] stopped by {signal.Signals(signum).name} after step {step}: saved "
+               f"{Path(run.args.output_dir) / f'checkpoint-{step}'}; continue with --resume_from_checkpoint=true")
+        cleanup_distributed()
+        raise SystemExit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -353,15 +353,6 @@ def exit_on_os_error(what: str, tmp: Path):
                   file=sys.stderr, flush=True)
         cleanup_distributed()
         raise SystemExit(2) from None
-
-
-def stop_now(run: Run, step: int, logger) -> None:
-    """After a stop signal, once checkpoint-<step> is saved: say where, and exit 128 + the signal number."""
-    logger.close()
-    print0(f"[minirlhf] stopped by {signal.Signals(run.stop.signum or signal.SIGTERM).name} after step {step}: "
-           f"saved {Path(run.args.output_dir) / f'checkpoint-{step}'}; continue with --resume_from_checkpoint=true")
-    cleanup_distributed()
-    raise SystemExit(128 + (run.stop.signum or signal.SIGTERM))
 
 
 def save_final(run: Run, base_model_path: str) -> None:
@@ -388,7 +379,6 @@ def save_final(run: Run, base_model_path: str) -> None:
                 os.replace(file, tmp.parent / file.name)
             tmp.rmdir()
     if run.args.use_peft and run.dist.is_main:
-        args = run.args
-        save_adapter(run.models[""], args.output_dir, args.lora_r, args.lora_alpha, args.lora_dropout, base_model_path)
+        save_adapter(run.models[""], run.args.output_dir, base_model_path)
     also = "".join(f" and {sub}/" for sub in models if sub)
     print0(f"[minirlhf] saved the final model{also} to {run.args.output_dir}")
