@@ -24,8 +24,9 @@ value model is saved and a run resumes exactly from a checkpoint (TRL can do nei
 rank 0 with their own generator. PPO logs every update: the logging and evaluation keys are refused.
 
 Several ranks: DDP by default; `fsdp = "full_shard"` shards all four models with FSDP2 (TRL's PPO has DeepSpeed
-ZeRO-3 instead). Sampling gathers the whole policy on each rank first, as TRL's ds3_gather_for_generation does;
-the sharded reward model scores sample completions with every rank taking part, so every rank computes them.
+ZeRO-3 instead). Sampling gathers the whole policy on each rank first, as TRL's ds3_gather_for_generation does.
+What `main` calls from minirlhf/infra (config, loading, run lifecycle, checkpoints, several ranks, LoRA, text scores)
+can be skipped on a first reading: the algorithm is here, in rollout.py, advantages.py and losses.py.
 """
 
 import functools
@@ -100,8 +101,7 @@ class PPOConfig(LoraArgs, TrainingConfig):
     local_rollout_forward_batch_size: int = 64
     """sequences per rank per no-grad forward (generation, reference, value and reward)"""
     padding_free: bool = True
-    """minirlhf: forwards of query + response skip left pads and pads after the stop (infra/packing.py); same
-    results"""
+    """minirlhf: forwards skip left pads and pads after the stop (infra/packing.py), with the same results"""
     response_length: int = 53
     """new tokens sampled per prompt (max_new_tokens)"""
     temperature: float = 0.7

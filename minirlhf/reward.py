@@ -9,7 +9,10 @@ Run: `python -m minirlhf.reward configs/reward.toml [--key value ...]`, or under
 
 RewardConfig keeps TRL's names and defaults. TRL keys left out, accepted only at TRL's default (see --help):
 `model_init_kwargs` (its useful entries are the `dtype` and `model_revision` keys), `trust_remote_code` (minirlhf
-never runs Hub code), `dataset_num_proc` (tokenization runs in the main process; there is no `datasets.map`).
+never runs Hub code), `dataset_num_proc` (tokenization runs in the main process; there is no `datasets.map`),
+`activation_offloading` (gradient_checkpointing is minirlhf's way to save activation memory).
+What `main` calls from minirlhf/infra (config, run lifecycle, checkpoints, several ranks, padding-free forwards, LoRA)
+can be skipped on a first reading: in one process it is I/O, a no-op, or a shortcut with the same results.
 """
 
 import math
