@@ -1,5 +1,8 @@
-"""minirlhf.losses against TRL 1.12.0: its own RewardTrainer and helper functions where they exist, literal
-restatements of trl/experimental/ppo/ppo_trainer.py where TRL inlines the formula, and formulas computed another way.
+"""minirlhf.losses against TRL 1.12.0: its own RewardTrainer and helper functions where they exist, and formulas
+computed another way. Where TRL inlines a formula in trl/experimental/ppo/ppo_trainer.py, the tests named
+test_transcribes_trl_* compare ours with those lines copied here: transcription checks (did we copy TRL's lines
+faithfully?), near-copies of our own formulas, not independent parity. The independent oracle for them is
+test_ppo.py's whole-update comparison with TRL's PPOTrainer (test_update_matches_trl, test_two_updates_match_trl).
 
 Tolerances: fp32 1e-6 unless stated; identical op sequences are compared exactly (atol=0).
 """
@@ -203,7 +206,15 @@ def test_masked_var_empty_mask_raises_like_trl():
         masked_var(x, empty)
 
 
-def test_kl_penalty_matches_trl_lines():
+# ---------------------------------------------------------------------------------------------------------------------
+# PPO post-processing and losses: transcription checks against lines of trl/experimental/ppo/ppo_trainer.py (TRL
+# 1.12.0) copied here, near-copies of our own formulas: they catch a slip in copying, not a shared misreading. The
+# independent oracle is test_ppo.py's whole-update comparison with TRL's PPOTrainer (test_update_matches_trl,
+# test_two_updates_match_trl); the checks computed another way below (k3 >= 0, GAE as discounted sums) are marked.
+
+
+def test_transcribes_trl_kl_penalty():
+    """kl_penalty vs TRL's lines for k1 and k3, transcribed; independently, k3 is non-negative."""
     logprobs, ref_logprobs = -3 * torch.rand(4, 6), -3 * torch.rand(4, 6)
     logprobs[:, 4:] = ref_logprobs[:, 4:] = INVALID_LOGPROB  # padding
     logr = ref_logprobs - logprobs  # TRL ppo_trainer.py:773-774
@@ -216,10 +227,6 @@ def test_kl_penalty_matches_trl_lines():
     assert (kl_penalty(logprobs, ref_logprobs, "k3") >= 0).all()
     with pytest.raises(ValueError, match="kl_estimator"):
         kl_penalty(logprobs, ref_logprobs, "k2")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# PPO post-processing and losses: literal restatements of trl/experimental/ppo/ppo_trainer.py (TRL 1.12.0)
 
 
 @pytest.fixture
@@ -239,7 +246,7 @@ def rollout():
 
 
 def theirs_rewards(kl, kl_coef, scores, sequence_lengths):
-    """ppo_trainer.py:775-779."""
+    """TRL's lines, transcribed: ppo_trainer.py:775-779."""
     non_score_reward = -kl_coef * kl
     rewards = non_score_reward.clone()
     actual_start = torch.arange(rewards.size(0), device=rewards.device)
@@ -250,7 +257,7 @@ def theirs_rewards(kl, kl_coef, scores, sequence_lengths):
 
 
 def theirs_gae(rewards, values, gamma, lam):
-    """ppo_trainer.py:787-796."""
+    """TRL's lines, transcribed: ppo_trainer.py:787-796."""
     lastgaelam = 0
     advantages_reversed = []
     gen_length = rewards.shape[1]
@@ -264,7 +271,8 @@ def theirs_gae(rewards, values, gamma, lam):
 
 
 @pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
-def test_compute_rewards_matches_trl_lines(rollout, kl_estimator):
+def test_transcribes_trl_compute_rewards(rollout, kl_estimator):
+    """compute_rewards vs TRL's lines, transcribed; where the score lands on an empty, a mid-length and a full row."""
     kl = kl_penalty(rollout["logprobs"], rollout["ref_logprobs"], kl_estimator)
     ours = compute_rewards(kl, 0.05, rollout["scores"], rollout["sequence_lengths"])
     theirs = theirs_rewards(kl, 0.05, rollout["scores"], rollout["sequence_lengths"])
@@ -277,7 +285,8 @@ def test_compute_rewards_matches_trl_lines(rollout, kl_estimator):
 
 
 @pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.8)])
-def test_compute_gae_matches_trl_lines_and_discounted_sums(rollout, gamma, lam):
+def test_transcribes_trl_gae_and_matches_discounted_sums(rollout, gamma, lam):
+    """compute_gae vs TRL's loop, transcribed; independently, vs the discounted sums of TD residuals in float64."""
     kl = kl_penalty(rollout["logprobs"], rollout["ref_logprobs"], "k1")
     rewards, _ = compute_rewards(kl, 0.05, rollout["scores"], rollout["sequence_lengths"])
     values = rollout["values"]
@@ -305,7 +314,8 @@ def test_compute_gae_matches_trl_lines_and_discounted_sums(rollout, gamma, lam):
             assert ours_returns[i, L + 1].item() == pytest.approx(rollout["scores"][i].item(), abs=1e-6)
 
 
-def test_ppo_losses_match_trl_lines(rollout):
+def test_transcribes_trl_ppo_losses(rollout):
+    """ppo_policy_loss and ppo_value_loss (losses, clip fractions, ratios, gradients) vs TRL's lines, transcribed."""
     padding_mask, padding_mask_p1 = rollout["padding_mask"], rollout["padding_mask_p1"]
     logprobs, values = rollout["logprobs"], rollout["values"]
     advantages = masked_whiten(torch.randn(values.shape), ~padding_mask).masked_fill(padding_mask, 0)
@@ -314,7 +324,7 @@ def test_ppo_losses_match_trl_lines(rollout):
     new_logprobs_raw = logprobs + 0.3 * torch.randn(values.shape)
     vpred_raw = values + 0.3 * torch.randn(values.shape)
 
-    # theirs: ppo_trainer.py:822-846 (the loop fills padding before the losses)
+    # theirs, transcribed: ppo_trainer.py:822-846 (the loop fills padding before the losses)
     theirs_new = new_logprobs_raw.clone().requires_grad_(True)
     theirs_vpred_in = vpred_raw.clone().requires_grad_(True)
     new_logprobs = torch.masked_fill(theirs_new, padding_mask, INVALID_LOGPROB)

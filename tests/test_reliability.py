@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -253,40 +254,82 @@ def test_missing_rng_state_is_said(task, capsys):
     assert "rng_state_0.pth is missing" in out and "resumed from" in out
 
 
-# A slow disk: each checkpoint's model files take 1.5 s to write, so a second signal can land mid-save.
-SLOW_DISK = """import sys, time
+# A disk the test holds: once a checkpoint's temporary folder and random state are written, its model files wait
+# until the test lets them through (a file named after the folder appears in the gate folder, argv[1]); each save
+# first says so on stdout. Signals then land mid-save at points the test knows, not after guessed sleeps. A wait
+# gives up after 30 s and writes (a test that stops releasing ends with a wrong outcome, not a hung process).
+HELD_DISK = """import sys, time
+from pathlib import Path
 import minirlhf.infra.checkpoint as checkpoint
 from minirlhf import reward
-real = checkpoint.save_pretrained
-checkpoint.save_pretrained = lambda *args, **kwargs: (time.sleep(1.5), real(*args, **kwargs))
-reward.main(sys.argv[1:])
+gates, real = Path(sys.argv[1]), checkpoint.save_pretrained
+def held(model, folder, *args, **kwargs):
+    name = Path(folder).name
+    print(f"[held disk] writing {name}", flush=True)
+    deadline = time.monotonic() + 30
+    while not (gates / name).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    real(model, folder, *args, **kwargs)
+checkpoint.save_pretrained = held
+reward.main(sys.argv[2:])
 """
 
 
 def test_second_signal_exits_at_once_and_keeps_the_last_checkpoint(task):
-    """A slow disk and a save every step. SIGTERM, repeated 0.3 s later (as torchrun forwards it: the same request,
-    the run goes on), then again 1.2 s after the first, in the middle of the stop's save: exit at once (143) with one
-    line, no "stopped" line, and the newest complete checkpoint loads (the half-written one is ignored, then cleared
-    by the next save)."""
+    """A save every step, each held mid-write until the test releases it. SIGTERM while checkpoint-2 is held, and
+    again as soon as the first has been handled (as torchrun forwards it: the same request, the run goes on: it
+    finishes checkpoint-2, takes step 3 and starts the stop's save); then, more than 1 s after the first and while
+    the stop's save (checkpoint-3) is held half-written, SIGTERM again: exit at once (143) with one line, no "stopped"
+    line, and the newest complete checkpoint, checkpoint-2, loads (the half-written one is ignored, then cleared by
+    the next save)."""
     tmp_path, flags = task
-    proc = start_and_wait_for_step([sys.executable, "-c", SLOW_DISK, *flags, "--max_steps=2000", "--save_steps=1",
-                                    "--save_total_limit=2", f"--output_dir={tmp_path / 'run'}"], step=2)
-    proc.send_signal(signal.SIGTERM)
-    for line in proc.stdout:
-        if "finishing this step" in line:  # the step ends, then the stop's save, 1.5 s at least
-            time.sleep(0.3)
-            proc.send_signal(signal.SIGTERM)  # as torchrun forwards it: the same request, ignored
-            time.sleep(0.9)
-            assert proc.poll() is None
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, err = proc.communicate(timeout=60)
+    gates, out = tmp_path / "gates", tmp_path / "run"
+    gates.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", HELD_DISK, str(gates), *flags, "--max_steps=2000", "--save_steps=1",
+                             "--save_total_limit=2", f"--output_dir={out}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    seen = []
+
+    def read_until(text: str) -> str:
+        """The child's stdout up to the first line holding `text` (that line, stripped)."""
+        for line in proc.stdout:
+            seen.append(line)
+            if text in line:
+                return line.strip()
+        proc.wait()
+        raise AssertionError(f"the run ended before {text!r}: {proc.stderr.read()[-2000:]}")
+
+    try:
+        assert read_until("[held disk] writing") == "[held disk] writing .tmp-checkpoint-1"
+        (gates / ".tmp-checkpoint-1").touch()
+        # held: training is under way, and the child waits in a loop where a signal's handler runs at once
+        assert read_until("[held disk] writing") == "[held disk] writing .tmp-checkpoint-2"
+        proc.send_signal(signal.SIGTERM)
+        read_until("finishing this step")  # printed by the handler: the first signal has been taken
+        first = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # as torchrun forwards it: the same request, ignored
+        (gates / ".tmp-checkpoint-2").touch()
+        # the child went on (the repeat did not end it): checkpoint-2 written, step 3 taken, the stop's save begun
+        assert read_until("[held disk] writing") == "[held disk] writing .tmp-checkpoint-3"
+        # a signal within 1 s of the first is its repeat: wait out that second (the save stays held meanwhile)
+        time.sleep(max(0.0, first + 1.1 - time.monotonic()))
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out_text, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out_text = "".join(seen) + out_text
     assert proc.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1] == ("[minirlhf] SIGTERM: exiting at once; checkpoints already written are "
-                                            "complete")
-    assert "Traceback" not in err and "stopped by" not in out
-    assert list((tmp_path / "run").glob(".tmp-checkpoint-*"))  # it was cut off mid-save
-    newest = resolve_resume(True, str(tmp_path / "run"), "reward")
+    assert err.strip().splitlines()[-1:] == ["[minirlhf] SIGTERM: exiting at once; checkpoints already written are "
+                                             "complete"], err[-2000:]
+    assert "Traceback" not in err and "stopped by" not in out_text
+    assert out_text.count("finishing this step") == 1, out_text[-2000:]
+    assert list(out.glob(".tmp-checkpoint-*"))  # it was cut off mid-save
+    assert [p.name for p in out.glob(".tmp-checkpoint-*")] == [".tmp-checkpoint-3"]  # the stop's save, no other
+    newest = resolve_resume(True, str(out), "reward")
+    assert newest.name == "checkpoint-2"
     check_loads(newest)
 
 
@@ -403,22 +446,56 @@ def check_loads(checkpoint: Path) -> None:
     load_checkpoint(checkpoint, AdamW(param_groups(model, 0.0), lr=1e-3))
 
 
-def train_forever(flags: list[str]) -> None:
+def train_forever(flags: list[str], ready: int) -> None:
+    """A training run that says on pipe `ready` (a byte) when it begins each checkpoint: loading is over."""
+    from minirlhf.infra import run
+
+    real = run.save_checkpoint
+
+    def announced(*args, **kwargs):
+        os.write(ready, b"s")
+        real(*args, **kwargs)
+
+    run.save_checkpoint = announced  # in this forked child only
     reward.main([*flags, "--max_steps=100000"])
 
 
-def save_final_forever(model_dir: str, out: str) -> None:
+def save_final_forever(model_dir: str, out: str, ready: int) -> None:
+    """Rewrite a final model in `out` over and over, having said on pipe `ready` (a byte) that it has loaded."""
     model = load_pretrained(RewardModel, model_dir)
+    os.write(ready, b"s")
     for i in range(100000):
         with torch.no_grad():
             next(model.parameters()).fill_(i)
         save_pretrained(model, out)
 
 
+def kill_9_once_started(fork, target, args: tuple, delay: float) -> int | None:
+    """Fork `target(*args, ready)`, wait until it has written its first byte to pipe `ready` (it has started what it
+    is there to do), then `delay` seconds more, and kill -9 it; its exit code (-9 unless it ended on its own)."""
+    read_end, ready = os.pipe()
+    child = fork.Process(target=target, args=(*args, ready))
+    try:
+        child.start()
+        os.close(ready)  # the child holds the only write end: its exit reads as end of file
+        readable, _, _ = select.select([read_end], [], [], 120)
+        assert readable and os.read(read_end, 1), f"the child ended or stalled before starting ({child.exitcode})"
+        time.sleep(delay)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    finally:
+        os.close(read_end)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    return child.exitcode
+
+
 def test_kill_9_during_saves_never_leaves_a_broken_checkpoint(task):
-    """24 kill -9 of a real training process that saves every step (save_total_limit 2) at random moments, each
-    restart resuming the newest checkpoint: it is always complete, one is always there, no half-written one is
-    picked. Then 12 kills of a process rewriting a final model: the folder always loads whole."""
+    """24 kill -9 of a real training process that saves every step (save_total_limit 2), each at a random moment
+    (0-0.5 s) after the process began its first save, each restart resuming the newest checkpoint: it is always
+    complete, one is always there, no half-written one is picked. Then 12 kills, each 0-0.25 s after it has loaded,
+    of a process rewriting a final model: the folder always loads whole."""
     tmp_path, flags = task
     out = tmp_path / "run"
     flags = [*flags, "--save_steps=1", "--save_total_limit=2", f"--output_dir={out}", "--logging_steps=1000"]
@@ -426,12 +503,8 @@ def test_kill_9_during_saves_never_leaves_a_broken_checkpoint(task):
     rng, steps = random.Random(0), []
     for kill in range(24):
         resume = ["--resume_from_checkpoint=true"] if checkpoint_dirs(out) else []
-        child = fork.Process(target=train_forever, args=([*flags, *resume],))
-        child.start()
-        time.sleep(rng.uniform(0.2, 0.7))
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
-        assert child.exitcode == -signal.SIGKILL, f"kill {kill}: the child ended on its own ({child.exitcode})"
+        exitcode = kill_9_once_started(fork, train_forever, ([*flags, *resume],), rng.uniform(0.0, 0.5))
+        assert exitcode == -signal.SIGKILL, f"kill {kill}: the child ended on its own ({exitcode})"
         complete = checkpoint_dirs(out)
         if not complete:
             continue
@@ -445,11 +518,9 @@ def test_kill_9_during_saves_never_leaves_a_broken_checkpoint(task):
     final = tmp_path / "final"
     save_pretrained(load_pretrained(RewardModel, str(tmp_path / "model")), str(final))
     for _ in range(12):
-        child = fork.Process(target=save_final_forever, args=(str(tmp_path / "model"), str(final)))
-        child.start()
-        time.sleep(rng.uniform(0.05, 0.3))
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
+        exitcode = kill_9_once_started(fork, save_final_forever, (str(tmp_path / "model"), str(final)),
+                                       rng.uniform(0.0, 0.25))
+        assert exitcode == -signal.SIGKILL, f"the child ended on its own ({exitcode})"
         load_pretrained(RewardModel, str(final))  # raises if the weights were missing or cut off
 
 

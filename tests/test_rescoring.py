@@ -141,9 +141,27 @@ def test_impossible_combinations_are_one_line_errors(toy_model, models, tmp_path
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
-def test_conversational_prompts_run(toy_model, tmp_path, monkeypatch, capsys):
-    """The shipped chat prompts through the loop: the reward model (the task's model, random) reads the rendered
-    conversations; the gold score, a reward function, gets TRL's conversational arguments."""
+def test_conversational_prompts_smoke_run(toy_model, tmp_path, monkeypatch, capsys):
+    """A smoke test: one PPO update on the shipped chat prompts runs through the loop and logs the gold score (a
+    reward function) in [0, 1]; no score is compared with anything. Beyond running, it checks the route: the reward
+    model (the task's model, random) reads each conversation rendered with its chat template, the response as the
+    assistant turn, and the gold score gets TRL's conversational arguments (message lists, not texts)."""
+    from minirlhf.infra import toytask
+
+    rendered, gold_args = [], []  # conversations rendered with a response; the gold score's arguments
+    real_render, real_gold = Tokenizer.apply_chat_template, toytask.gold_score
+
+    def render(self, messages, *args, **kwargs):
+        if messages[-1]["role"] == "assistant":  # the policy's prompts end with the user's turn
+            rendered.append(messages)
+        return real_render(self, messages, *args, **kwargs)
+
+    def gold_score(prompts, completions, **kwargs):
+        gold_args.append((prompts, completions))
+        return real_gold(prompts, completions, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "apply_chat_template", render)
+    monkeypatch.setattr(toytask, "gold_score", gold_score)
     monkeypatch.chdir(ROOT)
     out = tmp_path / "chat"
     ppo.main(["--sft_model_path", str(toy_model), "--reward_model_path", str(toy_model),
@@ -157,3 +175,14 @@ def test_conversational_prompts_run(toy_model, tmp_path, monkeypatch, capsys):
     assert 0 <= metrics["objective/gold_score"] <= 1
     completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert {"score", "gold_score"} <= set(completions[0])
+
+    chats = [json.loads(line)["prompt"] for split in ("train", "test")
+             for line in (ROOT / "configs" / "toytask" / "prompts_chat" / f"{split}.jsonl").read_text().splitlines()]
+    assert len(rendered) >= 8 + len(completions), len(rendered)  # the update's 8 rollouts, the sample completions
+    for *prompt, answer in rendered:
+        assert prompt in chats and answer.keys() == {"role", "content"}, (prompt, answer)
+    assert gold_args
+    for prompts, answers in gold_args:
+        assert all(prompt in chats for prompt in prompts), prompts
+        assert all([{"role": "assistant", "content": a[0]["content"]}] == a and isinstance(a[0]["content"], str)
+                   for a in answers), answers
