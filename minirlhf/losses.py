@@ -114,11 +114,9 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (logits.softmax(dim=-1) * logits).sum(dim=-1)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, axis: int | None = None) -> torch.Tensor:
-    """Mean of x over positions where mask is True (over `axis`, else all); NaN where the mask is empty."""
-    if axis is None:
-        return (x * mask).sum() / mask.sum()
-    return (x * mask).sum(axis) / mask.sum(axis)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the positions where mask is True; NaN where the mask is empty."""
+    return (x * mask).sum() / mask.sum()
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
