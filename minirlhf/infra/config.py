@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -40,7 +41,7 @@ from minirlhf.optim import SCHEDULES, schedule_kwargs
 STRATEGIES = ("no", "steps", "epoch")  # transformers also has save_strategy="best" (needs load_best_model_at_end)
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # TRL ModelConfig.dtype choices
 FSDP_MODES = ("full_shard", "shard_grad_op")  # the transformers FSDPOption names minirlhf implements
-REPORT_TO = ("none", "tensorboard")  # metrics.jsonl and the console are always written
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio")  # each an optional extra of its name; metrics.jsonl always
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 C = TypeVar("C")
 
@@ -156,7 +157,8 @@ class TrainingConfig:
     run_name: str | None = None
     """name of the run in logs; None: output_dir"""
     report_to: str = "none"
-    """extra metrics sink besides metrics.jsonl and the console: "none" or "tensorboard" (optional extra)"""
+    """tracker besides metrics.jsonl and the console: "none", "tensorboard", "wandb" or "trackio", each an optional
+    extra (pip install 'minirlhf[wandb]'); where each writes: minirlhf/infra/metrics.py"""
     disable_tqdm: bool = False
     """hide the progress bar"""
     resume_from_checkpoint: bool | str | None = None
@@ -205,6 +207,8 @@ class TrainingConfig:
                              ("logging_strategy", STRATEGIES), ("eval_strategy", STRATEGIES),
                              ("save_strategy", STRATEGIES), ("on_nonfinite", ("stop", "skip"))):
             require(getattr(self, key) in allowed, key, f"{getattr(self, key)!r} is not one of {allowed}")
+        require(self.report_to == "none" or importlib.util.find_spec(self.report_to) is not None, "report_to",
+                f"{self.report_to!r} needs the {self.report_to} package: pip install 'minirlhf[{self.report_to}]'")
         try:
             schedule_kwargs(self.lr_scheduler_type, self.lr_scheduler_kwargs)
         except ValueError as e:

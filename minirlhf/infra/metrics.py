@@ -1,9 +1,16 @@
 """Where a run's numbers go: rank 0 writes each log event to output_dir/metrics.jsonl (TRL's keys), the console
-and optionally TensorBoard; `LogWindow` keeps what the next log averages, as transformers' Trainer does.
+and the tracker `report_to` names; `LogWindow` keeps what the next log averages, as transformers' Trainer does.
+
+Trackers (optional extras, checked when the config is read): "tensorboard" writes event files to
+output_dir/runs/<run_name>; "wandb" a run in output_dir/wandb/ (offline with WANDB_MODE=offline, else synced to the
+project WANDB_PROJECT); "trackio" a run in its local database under TRACKIO_DIR (default: ~/.cache/huggingface/trackio),
+project TRACKIO_PROJECT. Both projects default to "huggingface", as transformers' callbacks do.
 """
 
 import contextlib
+import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,13 +56,34 @@ class LogWindow:
         return means
 
 
+def start_tracker(report_to: str, output_dir: Path, run_name: str, config: dict):
+    """(log(scalars, step), close) of the tracker `report_to` names (see the module docstring), or None for "none"."""
+    if report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(output_dir / "runs" / run_name))
+        return lambda scalars, step: [writer.add_scalar(k, v, step) for k, v in scalars.items()], writer.close
+    if report_to == "wandb":
+        import wandb
+
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "huggingface"), name=run_name, dir=str(output_dir),
+                         config=config)
+        return lambda scalars, step: run.log(scalars, step=step), run.finish
+    if report_to == "trackio":
+        import trackio
+
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "huggingface"), name=run_name, config=config)
+        return lambda scalars, step: trackio.log(scalars, step=step), trackio.finish
+    return None
+
+
 class MetricsLogger:
-    """Rank 0 writes each log event to metrics.jsonl, the console (via tqdm) and optionally TensorBoard."""
+    """Rank 0 writes each log event to metrics.jsonl, the console (via tqdm) and the tracker of report_to."""
 
     def __init__(self, args, is_main: bool, total_steps: int, done_steps: int = 0):
         """`args`: a TrainingConfig (output_dir, report_to, disable_tqdm, run_name); the bar starts at done_steps."""
         self.is_main = is_main
-        self.file = self.writer = self.bar = None
+        self.file = self.tracker = self.bar = None
         if not is_main:
             return
         output_dir = Path(args.output_dir)
@@ -63,13 +91,7 @@ class MetricsLogger:
         keep_records_up_to(output_dir / "metrics.jsonl", done_steps)
         self.file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         run_name = args.run_name or output_dir.name
-        if args.report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                msg = "report_to = 'tensorboard' needs TensorBoard: pip install 'minirlhf[tensorboard]'"
-                raise ImportError(msg) from None
-            self.writer = SummaryWriter(str(output_dir / "runs" / run_name))
+        self.tracker = start_tracker(args.report_to, output_dir, run_name, dataclasses.asdict(args))
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total_steps, initial=done_steps, disable=args.disable_tqdm, dynamic_ncols=True,
@@ -87,12 +109,13 @@ class MetricsLogger:
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
         self.tqdm_write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, metrics.get("step", 0))
+        if self.tracker is not None:
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+            self.tracker[0](scalars, metrics.get("step", 0))
 
     def close(self) -> None:
-        for handle in (self.bar, self.file, self.writer):
+        for handle in (self.bar, self.file):
             if handle is not None:
                 handle.close()
+        if self.tracker is not None:
+            self.tracker[1]()
