@@ -12,7 +12,9 @@ without it the whole model is one, as in transformers. Checkpoints hold whole te
 
 import contextlib
 import gc
+import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +63,17 @@ def cleanup_distributed() -> None:
 def print0(*args, **kwargs) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def tell_launcher(message: str) -> None:
+    """Under torchrun, put this rank's one-line error where torchrun's failure summary reads it (the file
+    TORCHELASTIC_ERROR_FILE names), so that the summary's root cause is the line itself, not "To enable traceback
+    see ..."; torchrun still adds its own summary and exits 1. Nothing without torchrun."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        extra = {"py_callstack": message, "timestamp": str(int(time.time()))}
+        with contextlib.suppress(OSError), open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": extra}}, f)
 
 
 def all_reduce(t: torch.Tensor, op: str = "mean") -> torch.Tensor:
