@@ -10,8 +10,8 @@ Rows come from `infra.files.load_rows` (a .jsonl/.json/.parquet file, a folder o
   data_loader.py), cut into each rank's batches, for all three loops; `prompt_batches`: PPO's prompts in that order,
   resumable at any batch.
 
-Where TRL needs a `datasets.Dataset`, we take `list[dict]` and report a malformed row by index instead of failing
-somewhere inside `Dataset.map`.
+Where TRL needs a `datasets.Dataset`, we take `list[dict]` and report a malformed row by its line in the file (or its
+row, from 1) instead of failing somewhere inside `Dataset.map`.
 
 Usage:
     rows = load_rows("trl-lib/ultrafeedback_binarized", "train")  # minirlhf.infra.files
@@ -29,6 +29,13 @@ import torch
 from minirlhf.infra.tokenizer import Tokenizer
 
 # ---- checking and tokenizing one row
+
+def _row(rows: list[dict], i: int) -> str:
+    """rows[i] as messages name it, counted from 1 as a file's lines are: where load_rows read it ("line 7" of a
+    JSON-lines file, blank lines included; "row 7" of a JSON list), else "row {i + 1}"."""
+    where = getattr(rows, "where", None)  # infra.files.Rows
+    return where[i] if where is not None else f"row {i + 1}"
+
 
 def is_conversational(row: dict) -> bool:
     """TRL's `is_conversational` (trl/data_utils.py): a prompt/chosen/rejected/completion/messages value is a list of
@@ -102,7 +109,7 @@ def prepare_preference_dataset(rows: list[dict], tokenizer: Tokenizer, max_lengt
     eos = None if pretokenized or conversational else _require_eos(tokenizer, source)
     examples, n_dropped = [], 0
     for i, row in enumerate(rows):
-        where = f"{source}: row {i}"
+        where = f"{source}: {_row(rows, i)}"
         if pretokenized:
             example = {"chosen_ids": _token_ids(row, id_keys[0], where),
                        "rejected_ids": _token_ids(row, id_keys[1], where)}
@@ -171,7 +178,7 @@ def prepare_prompt_dataset(rows: list[dict], tokenizer: Tokenizer, source: str =
     conversational = bool(rows) and is_conversational(rows[0])
     examples = []
     for i, row in enumerate(rows):
-        where = f"{source}: row {i}"
+        where = f"{source}: {_row(rows, i)}"
         prompt = _field(row, "prompt", conversational, where)
         if conversational:
             input_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
@@ -198,7 +205,7 @@ def prepare_sft_dataset(rows: list[dict], tokenizer: Tokenizer, max_length: int 
     eos = None if conversational else _require_eos(tokenizer, source)
     examples, n_dropped = [], 0
     for i, row in enumerate(rows):
-        where = f"{source}: row {i}"
+        where = f"{source}: {_row(rows, i)}"
         prompt = _field(row, "prompt", conversational, where, allow_empty=True)
         completion = _field(row, "completion", conversational, where)
         if conversational:

@@ -202,15 +202,15 @@ def load(args: RewardConfig, device: torch.device):
     model.cfg.pad_token_id = tokenizer.pad_token_id  # pooling reads it, and it is saved in config.json
     model.transformer.gradient_checkpointing = args.gradient_checkpointing
 
-    def dataset(split: str) -> list[dict]:
-        source = f"{args.dataset_name} [{split}]"
-        examples, dropped = prepare_preference_dataset(load_rows(args.dataset_name, split), tokenizer,
-                                                       args.max_length, source)
+    def dataset(split: str, evaluation: bool = False) -> list[dict]:
+        source = f"{args.dataset_name} [{split}]"  # evaluation: never the training rows again (a single data file)
+        examples, dropped = prepare_preference_dataset(load_rows(args.dataset_name, split, evaluation=evaluation),
+                                                       tokenizer, args.max_length, source)
         print0(f"[minirlhf] {source}: {len(examples)} pairs, {dropped} dropped for exceeding max_length")
         return examples
 
     train_dataset = dataset(args.dataset_train_split)
-    eval_dataset = dataset(args.dataset_test_split) if args.eval_strategy != "no" else []
+    eval_dataset = dataset(args.dataset_test_split, evaluation=True) if args.eval_strategy != "no" else []
     return model, tokenizer, train_dataset, eval_dataset
 
 

@@ -142,19 +142,19 @@ def test_non_string_text(capsys, ws):
     rows[3] = json.dumps({"prompt": "w1", "chosen": 5, "rejected": " w2", "margin": 0.1})
     path.write_text("\n".join(rows) + "\n")
     line = fails(capsys, ws, "reward")
-    assert "row 3" in line and "'chosen'" in line, line
+    assert "train.jsonl line 4" in line and "'chosen'" in line, line  # rows[3]: the file's 4th line
 
 
 def test_empty_text(capsys, ws):
     (ws / "prompts.jsonl").write_text('{"prompt": "w1"}\n{"prompt": ""}\n')
     line = fails(capsys, ws, "ppo")
-    assert "row 1" in line and "'prompt'" in line, line
+    assert "line 2" in line and "'prompt'" in line, line
 
 
 def test_missing_column(capsys, ws):
     (ws / "sft.jsonl").write_text('{"prompt": "w1", "completion": " w2"}\n{"prompt": "w1"}\n')
     line = fails(capsys, ws, "sft")
-    assert "row 1" in line and "'completion'" in line, line
+    assert "line 2" in line and "'completion'" in line, line
 
 
 def test_invalid_json_line(capsys, ws):
@@ -282,7 +282,8 @@ def test_output_dir_with_a_finished_run(capsys, ws):
     shutil.rmtree(ws / "out")
     shutil.copytree(ws / "reward_run", ws / "out")
     line = fails(capsys, ws, "reward")
-    assert "holds another run" in line and "resume_from_checkpoint" in line and "overwrite_output_dir" in line
+    assert "holds a finished run with a different config (keys: " in line and "model_name_or_path" in line
+    assert "resume_from_checkpoint" in line and "overwrite_output_dir" in line
 
 
 def test_corrupt_optimizer_state(capsys, ws):

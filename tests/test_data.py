@@ -152,10 +152,10 @@ def test_shuffled_order_matches_trl_dataloader(tokenizer_dirs, tmp_path):
 
 
 @pytest.mark.parametrize(("row", "message"), [
-    ({"chosen": "a"}, r"row 1: missing column 'rejected'"),
-    ({"chosen": "a", "rejected": ""}, r"row 1: 'rejected' must be a non-empty string"),
-    ({"chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, r"row 1: 'chosen' must be a non-empty string"),
-    ({"chosen": "a", "rejected": "b", "margin": "big"}, r"row 1: 'margin' must be a number"),
+    ({"chosen": "a"}, r"row 2: missing column 'rejected'"),  # rows count from 1, as a file's lines
+    ({"chosen": "a", "rejected": ""}, r"row 2: 'rejected' must be a non-empty string"),
+    ({"chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, r"row 2: 'chosen' must be a non-empty string"),
+    ({"chosen": "a", "rejected": "b", "margin": "big"}, r"row 2: 'margin' must be a number"),
 ])
 def test_malformed_preference_row_is_named(tokenizer_dirs, row, message):
     tokenizer = Tokenizer.from_pretrained(tokenizer_dirs["byte_level"])
@@ -163,9 +163,9 @@ def test_malformed_preference_row_is_named(tokenizer_dirs, row, message):
     with pytest.raises(ValueError, match=f"^prefs.jsonl: {message}"):
         prepare_preference_dataset(rows, tokenizer, max_length=None, source="prefs.jsonl")
     conversational = [{"chosen": [{"role": "user", "content": "a"}], "rejected": "b"}]
-    with pytest.raises(ValueError, match=r"^prefs: row 0: 'rejected' must be a non-empty list of"):
+    with pytest.raises(ValueError, match=r"^prefs: row 1: 'rejected' must be a non-empty list of"):
         prepare_preference_dataset(conversational, tokenizer, max_length=None, source="prefs")
-    with pytest.raises(ValueError, match=r"^prefs: row 0: 'rejected_ids' must be a list of token ids"):
+    with pytest.raises(ValueError, match=r"^prefs: row 1: 'rejected_ids' must be a list of token ids"):
         prepare_preference_dataset([{"chosen_ids": [1], "rejected_ids": "1 2"}], tokenizer, None, source="prefs")
 
 

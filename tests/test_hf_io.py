@@ -161,8 +161,10 @@ def test_missing_paths_and_hub_ids_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)  # relative names resolve here, whatever runs/ the checkout holds
+    made_by = {"./runs/sft": "; `python -m minirlhf.sft configs/sft.toml` makes it"}  # the README pipeline's folder
     for name in (str(tmp_path / "missing"), "./runs/sft", "runs/sft/checkpoint-3", "model.safetensors"):
-        with pytest.raises(ValueError, match=f"^{re.escape(name)}: no such file or folder$"):
+        expected = f"{name}: no such file or folder{made_by.get(name, '')}"
+        with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
             load_pretrained(CausalLM, name)
     with pytest.raises(ValueError) as e:
         load_pretrained(CausalLM, "tiny-org/not-cached")

@@ -496,9 +496,10 @@ def test_cli_runs_and_writes_its_outputs(toy_run, tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt column"}\n')
-    result = run_cli([str(config), *kept, "--dataset_name", str(bad)])
+    # another output_dir: out holds the finished run, which is refused before the data is read
+    result = run_cli([str(config), *kept, "--dataset_name", str(bad), "--output_dir", str(tmp_path / "other")])
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {bad} [train]: row 0: missing column 'prompt' "
+    assert result.stderr.strip().splitlines() == [f"error: {bad} [train]: line 1: missing column 'prompt' "
                                                   "(columns: ['text'])"]
 
 

@@ -233,7 +233,7 @@ def test_cli_bad_data_row(tmp_path, data_dir):
                      f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 2, result.stderr
     error = result.stderr.strip().splitlines()
-    assert len(error) == 1 and "train" in error[0] and "row 5" in error[0] and "rejected" in error[0], error
+    assert len(error) == 1 and "train.jsonl line 6" in error[0] and "rejected" in error[0], error  # lines[5]
 
 
 @pytest.mark.parametrize("fsdp, error", [

@@ -92,9 +92,10 @@ def test_cli_trains_and_saves(toy, tmp_path):
         assert (out / name).is_file(), name
     load_pretrained(CausalLM, str(out))
 
-    result = run_cli([str(config), "--dataset_name", str(toy / "prompts" / "train.jsonl")])
+    result = run_cli([str(config), "--dataset_name", str(toy / "prompts" / "train.jsonl"), "--output_dir",
+                      str(tmp_path / "other")])  # out holds the finished run: refused before the data is read
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {toy / 'prompts' / 'train.jsonl'} [train]: row 0: missing "
+    assert result.stderr.strip().splitlines() == [f"error: {toy / 'prompts' / 'train.jsonl'} [train]: line 1: missing "
                                                   "column 'completion' (columns: ['prompt'])"]
 
 

@@ -43,6 +43,16 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")  # TRL ModelConfig.dtype cho
 FSDP_MODES = ("full_shard", "shard_grad_op")  # the transformers FSDPOption names minirlhf implements
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")  # each an optional extra of its name; metrics.jsonl always
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+# TrainingArguments keys minirlhf leaves out on purpose (TrainingConfig's docstring): unknown keys, but no typos to
+# correct (difflib would offer `seed` for `deepspeed`, `use_peft` for `use_cpu`)
+LEFT_OUT = frozenset((
+    "deepspeed", "accelerator_config", "fsdp_config", "optim", "optim_args", "optim_target_modules", "adafactor",
+    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_revision", "torch_compile",
+    "torch_compile_backend", "torch_compile_mode", "tf32", "use_cpu", "use_liger_kernel", "label_smoothing_factor",
+    "neftune_noise_alpha", "group_by_length", "auto_find_batch_size", "dataloader_num_workers",
+    "dataloader_pin_memory", "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "logging_dir",
+    "gradient_checkpointing_kwargs", "save_only_model", "eval_on_start", "ddp_backend", "ddp_timeout",
+))
 C = TypeVar("C")
 
 
@@ -165,7 +175,8 @@ class TrainingConfig:
     """a checkpoint-<step> folder to resume from, or true for the newest one in output_dir"""
     overwrite_output_dir: bool = False
     """start afresh in an output_dir that holds another run (checkpoints or a final model), deleting its checkpoints
-    once the new run has loaded; false: such an output_dir is an error unless resume_from_checkpoint is set"""
+    once the new run has loaded; false: such an output_dir is an error unless resume_from_checkpoint is set, and one
+    holding the finished run of this same config is left as it is (nothing to do, exit 0)"""
     on_nonfinite: str = "stop"
     """an optimizer step (PPO: each minibatch's) whose loss or gradient norm is nan/inf: "stop" (exit 1, nothing of
     it saved, last checkpoint intact) or "skip" (not stepped, counted in skipped_steps); PPO stops at nan/inf weights"""
@@ -262,6 +273,9 @@ def parse_config(cls: type[C], argv: list[str]) -> C:
                 raise ConfigError(f"{source}: {key}: not implemented in minirlhf{why}; only TRL's default "
                                   f"{_show(default)} is accepted, got {value!r}", key)
             return
+        if key in LEFT_OUT and key not in fields:
+            raise ConfigError(f"{source}: {key}: a TrainingArguments key not implemented in minirlhf; see --help for "
+                              "the keys it has", key)
         if key not in fields:
             close = difflib.get_close_matches(key, [*fields, *cls.trl_defaults_only], n=1)
             hint = f"did you mean '{close[0]}'?" if close else "see --help"
@@ -286,8 +300,11 @@ def parse_config(cls: type[C], argv: list[str]) -> C:
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if not eq:
-            if args and not args[0].startswith("--"):
-                value = args.pop(0)
+            words = []  # a list key takes every word up to the next flag, as TRL's HfArgumentParser (nargs)
+            while args and not args[0].startswith("--") and (not words or key in hints and _is_list(hints[key])):
+                words.append(args.pop(0))
+            if words:
+                value = words[0] if len(words) == 1 else words
             elif (key in hints and bool in _options(hints[key])) or isinstance(cls.trl_defaults_only.get(key), bool):
                 value = "true"
             else:
@@ -316,6 +333,10 @@ def parse_config_or_exit(cls: type[C], argv: list[str] | None = None) -> C:
 
 
 def _read_toml(path: str) -> dict:
+    if Path(path).suffix in (".yaml", ".yml", ".json"):  # TRL's scripts take YAML; the keys are the same
+        raise ConfigError(f"{path}: minirlhf reads TOML config files only; convert it line by line: `key: value` -> "
+                          "`key = value`, strings quoted (learning_rate: 1.0e-5 -> learning_rate = 1.0e-5, "
+                          'output_dir: runs/x -> output_dir = "runs/x")')
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -328,6 +349,10 @@ def _read_toml(path: str) -> dict:
 def _options(tp) -> tuple:
     """The member types of a union (`int | None` -> (int, NoneType)), or (tp,)."""
     return get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+
+
+def _is_list(tp) -> bool:
+    return any(get_origin(option) is list for option in _options(tp))
 
 
 def _type_name(tp) -> str:
@@ -345,8 +370,11 @@ def _convert(value, tp, cli: bool):
     for option in options:
         if option is type(None):
             continue
-        if get_origin(option) is list:  # list[str] or list[float]: a TOML array, or comma-separated on the command line
-            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) and cli else value
+        if get_origin(option) is list:  # list[str] or list[float]: a TOML array; as flags also words or commas
+            items = value
+            if cli:
+                with contextlib.suppress(tomllib.TOMLDecodeError):  # no array: the error below names the value
+                    items = _cli_list(value)
             if isinstance(items, list):
                 with contextlib.suppress(ValueError):  # an item of the wrong type: try the union's next member
                     return [_convert(v, get_args(option)[0], cli) for v in items]
@@ -361,6 +389,15 @@ def _convert(value, tp, cli: bool):
         if option is float and type(value) is int:
             return float(value)
     raise ValueError(f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _cli_list(value: str | list[str]) -> list:
+    """A list flag's items: one TOML array (`'["q_proj", "v_proj"]'`), or its words (`--key a b`, TRL's nargs), each
+    split at commas (`--key a,b`)."""
+    words = [value] if isinstance(value, str) else value
+    if len(words) == 1 and words[0].lstrip().startswith("["):
+        return tomllib.loads(f"value = {words[0]}")["value"]
+    return [item.strip() for word in words for item in word.split(",") if item.strip()]
 
 
 def _from_text(text: str, option: type):
@@ -401,7 +438,8 @@ def config_help(cls: type) -> str:
     docs, hints, fields = field_docs(cls), get_type_hints(cls), dataclasses.fields(cls)
     lines = [f"usage: python -m {module_name(cls)} [config.toml] [--key value | --key=value ...]", "",
              f"{cls.__name__}: {cls.__doc__.strip().splitlines()[0]}", "",
-             'Keys may be set in the TOML file or as flags (flags win). "none" sets an optional key to None.', ""]
+             'Keys may be set in the TOML file or as flags (flags win). "none" sets an optional key to None.',
+             "A list key takes words, commas or a TOML array: --lora_target_modules q_proj v_proj.", ""]
     for f in (f for f in fields if f.init):
         lines += [f"  --{f.name} {_type_name(hints[f.name])} (default: {_show(f.default)})", f"      {docs[f.name]}"]
         if f.name in cls.unused:
@@ -416,23 +454,40 @@ def config_help(cls: type) -> str:
     return "\n".join(lines)
 
 
-def config_to_toml(cfg) -> str:
-    """The resolved config as TOML that parse_config reads back (None as "none"; runtime fields as comments)."""
+def config_to_toml(cfg, given=None) -> str:
+    """The resolved config as TOML that parse_config reads back (None as "none"; runtime fields as comments).
+    `given`: the same config as parsed, before the run filled anything in: a field changed since (PPO's
+    total_episodes) is written as given and its runtime value as a comment, so that the file is the run as started."""
+    def toml(value) -> str:
+        return '"none"' if value is None else _toml_value(value)
+
     lines = [f'# {module_name(type(cfg))}.{type(cfg).__name__} as resolved; "none" stands for None (TOML has no null)']
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        text = '"none"' if value is None else _toml_value(value)
-        if f.init:
+        text = toml(value)
+        if f.init and given is not None and getattr(given, f.name) != value:
+            lines.append(f"{f.name} = {toml(getattr(given, f.name))}")
+            lines.append(f"# {f.name} = {text}  (filled at runtime)")
+        elif f.init:
             lines.append(f"{f.name} = {text}")
         elif value is not None:
             lines.append(f"# {f.name} = {text}  (filled at runtime)")
     return "\n".join(lines) + "\n"
 
 
-def save_config(cfg, path: str | Path) -> None:
-    """Write config_to_toml(cfg) to `path` (minGPT writes the resolved config next to its outputs)."""
+def save_config(cfg, path: str | Path, given=None) -> None:
+    """Write config_to_toml(cfg, given) to `path` (minGPT writes the resolved config next to its outputs)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(config_to_toml(cfg))
+    Path(path).write_text(config_to_toml(cfg, given))
+
+
+def changed_keys(saved: str, config: str, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The keys set differently in two config_to_toml texts (comments aside), sorted; the keys in `ignore` aside."""
+    def values(text: str) -> dict[str, str]:  # one "key = value" a line: config_to_toml writes no multi-line value
+        return dict(line.split(" = ", 1) for line in text.splitlines() if " = " in line and not line.startswith("#"))
+
+    before, now = values(saved), values(config)
+    return sorted(key for key in before.keys() | now.keys() if key not in ignore and before.get(key) != now.get(key))
 
 
 def _show(value) -> str:

@@ -1,15 +1,21 @@
 """Where models, tokenizers and datasets come from, and how data files are read.
 
 `local_or_hub`: a local path as it is, anything else from the Hugging Face Hub (huggingface_hub's cache;
-HF_HUB_OFFLINE=1 never touches the network). A name that looks like a path (a leading ".", "/" or "~", two "/" or a
-file suffix) and does not exist is a one-line error at once, as is a Hub failure.
-`load_rows`: a .jsonl/.json/.parquet file, a local folder of split-named files, or a Hub dataset id, as plain dicts;
-a malformed file is a one-line error naming its line.
+HF_HUB_OFFLINE=1 never touches the network). A name that looks like a path (a leading ".", "/", "~" or "runs/", two
+"/", a first folder that exists here, or a file suffix) and does not exist is a one-line error at once, naming the
+command that makes it where the README's pipeline does (runs/sft, runs/reward); so is a Hub failure.
+`load_rows`: a .jsonl/.json/.parquet file, a local folder of split-named files, or a Hub dataset id, as plain dicts
+that remember where each was read (`Rows`); a malformed file is a one-line error naming its line. A data file is the
+train split alone: an evaluation split is never its rows again (`MissingSplit`).
 """
 
 import json
 import re
 from pathlib import Path
+
+# The folders the README's pipeline makes (configs/ppo.toml reads both), by the command that makes each
+MADE_BY = {"runs/sft": "python -m minirlhf.sft configs/sft.toml",
+           "runs/reward": "python -m minirlhf.reward configs/reward.toml"}
 
 
 def local_or_hub(name: str, patterns: list[str], revision: str | None = None, repo_type: str = "model") -> Path:
@@ -17,14 +23,17 @@ def local_or_hub(name: str, patterns: list[str], revision: str | None = None, re
     path = Path(name).expanduser()
     if path.exists():
         return path
+    name = str(name)
     looks_local = Path(name).suffix in (".json", ".jsonl", ".parquet", ".toml", ".safetensors")
-    if looks_local or str(name).startswith((".", "/", "~")) or str(name).count("/") > 1:
-        raise ValueError(f"{name}: no such file or folder")
+    in_a_folder_here = "/" in name and Path(name.partition("/")[0]).is_dir()  # else the first part is a Hub owner
+    if looks_local or name.startswith((".", "/", "~", "runs/")) or name.count("/") > 1 or in_a_folder_here:
+        made_by = MADE_BY.get(Path(name).as_posix())
+        raise ValueError(f"{name}: no such file or folder" + (f"; `{made_by}` makes it" if made_by else ""))
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(str(name), repo_type=repo_type, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(name, repo_type=repo_type, revision=revision, allow_patterns=patterns))
     except (HFValidationError, OSError) as e:  # offline, unknown repo, bad id: huggingface_hub's errors are OSErrors
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{name}: no such local file or folder, and not found on the Hugging Face Hub "
@@ -41,16 +50,36 @@ SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "
                   "test": ("test", "testing", "eval", "evaluation")}
 
 
-def load_rows(dataset_name: str, split: str, revision: str | None = None) -> list[dict]:
-    """Rows of a data file (the split is ignored), of the `split` files in a folder, or of a Hub dataset (downloaded
-    to the huggingface_hub cache, then read like a folder)."""
+class Rows(list):
+    """load_rows' rows (plain dicts) and, for messages, where each was read: `where[i]` is "line 7" of a JSON-lines
+    file (counted from 1 as editors do, blank lines included) or "row 7" of a JSON list or parquet file (from 1), after
+    the file's path within a folder ("train.jsonl line 7")."""
+
+    def __init__(self, numbered: list[tuple[str, dict]]):
+        super().__init__(row for _, row in numbered)
+        self.where = [where for where, _ in numbered]
+
+
+class MissingSplit(ValueError):
+    """The dataset has no such split (a one-line error, unless the caller has something else to use)."""
+
+
+def load_rows(dataset_name: str, split: str, revision: str | None = None, evaluation: bool = False) -> Rows:
+    """Rows of a data file, of the `split` files in a folder, or of a Hub dataset (downloaded to the huggingface_hub
+    cache, then read like a folder). A data file is the train split, whatever its name: for an `evaluation` split it
+    is MissingSplit, not the training rows again (which `datasets` would not give either: a file is split "train")."""
     path = local_or_hub(dataset_name, [f"*{suffix}" for suffix in DATA_SUFFIXES], revision, repo_type="dataset")
+    if path.is_file() and evaluation:
+        raise MissingSplit(f"{dataset_name}: a data file is the train split alone: no {split!r} split to evaluate on "
+                           f'(its rows are the training rows); set eval_strategy = "no", or make dataset_name a folder '
+                           f"holding train.jsonl and {split}.jsonl")
     if path.is_file():
-        return _read_file(path)
-    return [row for file in _split_files(path, split) for row in _read_file(file)]
+        return Rows(_read_file(path))
+    files = _split_files(path, split, f'set eval_strategy = "no", or add a {split}.jsonl' if evaluation else "")
+    return Rows([(f"{file.relative_to(path)} {where}", row) for file in files for where, row in _read_file(file)])
 
 
-def _split_files(folder: Path, split: str) -> list[Path]:
+def _split_files(folder: Path, split: str, advice: str = "") -> list[Path]:
     relative = (p.relative_to(folder) for p in folder.rglob("*") if p.suffix in DATA_SUFFIXES)
     files = sorted(p.as_posix() for p in relative if not any(part.startswith(".") for part in p.parts))  # no .cache
     split_of = {file: match.group(1) for file in files if (match := SHARDED.match(file))}
@@ -61,17 +90,19 @@ def _split_files(folder: Path, split: str) -> list[Path]:
     chosen = [folder / file for file, name in split_of.items() if name == split]
     if not chosen:
         available = sorted(set(split_of.values()))
-        raise ValueError(f"{folder}: no data files for split {split!r}; available splits: {available}")
+        raise MissingSplit(f"{folder}: no data files for split {split!r}; available splits: {available}"
+                           + (f"; {advice}" if advice else ""))
     return chosen
 
 
-def _read_file(path: Path) -> list[dict]:
+def _read_file(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) pairs: "line n" of a JSON-lines file, "row n" of a JSON list or parquet file, from 1."""
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet
         except ImportError as error:
             raise ImportError(f"{path}: reading parquet needs pyarrow: pip install 'minirlhf[parquet]'") from error
-        return pyarrow.parquet.read_table(path).to_pylist()
+        return [(f"row {i}", row) for i, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), 1)]
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -79,14 +110,14 @@ def _read_file(path: Path) -> list[dict]:
         line = data[: error.start].count(b"\n") + 1
         raise ValueError(f"{path}: line {line}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):  # one JSON list of rows; else JSON lines
-        numbered = [(f"row {i}", row) for i, row in enumerate(_parse_json(text, path, line_number=1))]
+        numbered = [(f"row {i}", row) for i, row in enumerate(_parse_json(text, path, line_number=1), 1)]
     else:
         numbered = [(f"line {n}", _parse_json(line, path, n)) for n, line in enumerate(text.splitlines(), 1)
                     if line.strip()]
     for where, row in numbered:
         if not isinstance(row, dict):
             raise ValueError(f"{path}: {where}: expected a JSON object, got {type(row).__name__}")
-    return [row for _, row in numbered]
+    return numbered
 
 
 def _parse_json(text: str, path: Path, line_number: int):

@@ -17,7 +17,7 @@ from torch import nn
 
 from minirlhf.data import is_conversational, prepare_prompt_dataset
 from minirlhf.infra.config import import_function, require
-from minirlhf.infra.files import load_rows
+from minirlhf.infra.files import MissingSplit, load_rows
 from minirlhf.infra.hf import load_pretrained
 from minirlhf.infra.lora import add_lora
 from minirlhf.infra.packing import PaddingFreeCausalLM, PaddingFreeRewardModel
@@ -60,16 +60,24 @@ def load(args, run) -> PPOSetup:
 
     conversations = {}  # a conversational prompt's ids -> its messages, for reward functions and the reward model
 
-    def prompts(split: str) -> list[dict]:
-        rows = load_rows(args.dataset_name, split)
+    def prompts(split: str, evaluation: bool = False) -> list[dict]:
+        rows = load_rows(args.dataset_name, split, evaluation=evaluation)
         dataset = prepare_prompt_dataset(rows, tokenizer, f"{args.dataset_name} [{split}]")
         if rows and is_conversational(rows[0]):
             conversations.update({tuple(ex["input_ids"]): row["prompt"] for ex, row in zip(dataset, rows, strict=True)})
         return dataset
 
     train_dataset = prompts(args.dataset_train_split)
-    # eval prompts only feed the sample completions; a data file has one split, so its rows serve both
-    eval_dataset = prompts(args.dataset_test_split) if args.num_sample_generations > 0 else []
+    # eval prompts only feed the sample completions (text to read, no metric): without a test split (a single data
+    # file, or a folder without one) the training prompts serve, and it says so
+    eval_dataset = []
+    if args.num_sample_generations > 0:
+        try:
+            eval_dataset = prompts(args.dataset_test_split, evaluation=True)
+        except MissingSplit:
+            print0(f"[minirlhf] {args.dataset_name} has no {args.dataset_test_split!r} split: sample completions use "
+                   "the training prompts")
+            eval_dataset = train_dataset
     args.set_runtime_sizes(run.dist.world_size, len(train_dataset), run.dist.rank)
     if len(train_dataset) < args.batch_size // args.num_generations:
         raise ValueError(f"{args.dataset_name}: {len(train_dataset)} prompts, fewer than one batch of "

@@ -5,13 +5,16 @@ models and data -> `prepare` (resume the weights, shard or wrap, AdamW, resume i
 `scheduled_lr`, `optimizer_step`, `due` and `checkpoint_or_stop` -> `save_final`. References: transformers 5.23
 trainer.py (`Trainer._inner_training_loop`) and trainer_callback.py (`DefaultFlowCallback`).
 
-What keeps a run's work safe (docs/reliability.md): an output_dir holding another run is resumed or refused,
-never silently mixed with (`check_output_dir`); SIGTERM/SIGINT end the run at a step boundary with a checkpoint
+What keeps a run's work safe (docs/reliability.md): an output_dir holding another run is resumed or refused before
+anything is loaded, never silently mixed with (`check_output_dir`), and the same command run again on its finished run
+does nothing (`finished`); SIGTERM/SIGINT end the run at a step boundary with a checkpoint
 (`StopSignal`); a non-finite loss or gradient norm stops the run before anything of it is saved, or skips that
 optimizer step (`optimizer_step`, `check_finite`; PPO: `ppo_update`); a failed save exits 2 on every rank.
 """
 
 import contextlib
+import copy
+import errno
 import functools
 import math
 import os
@@ -41,6 +44,7 @@ from minirlhf.infra.checkpoint import (
 )
 from minirlhf.infra.config import (
     TrainingConfig,
+    changed_keys,
     config_to_toml,
     exit_on_bad_input,
     module_name,
@@ -99,8 +103,8 @@ class StopSignal:
 @dataclass
 class Run:
     """A started run: its config, its process (rank, world size, device), the autocast dtype (None: fp32), the
-    checkpoint it resumes from (None: a fresh start), the trainer ("reward", "sft", "ppo") and the run id written
-    into its checkpoints."""
+    checkpoint it resumes from (None: a fresh start), the trainer ("reward", "sft", "ppo"), the run id written
+    into its checkpoints, and its config as given (before loading filled anything in: what config.toml records)."""
 
     args: TrainingConfig
     dist: Dist
@@ -109,6 +113,7 @@ class Run:
     trainer: str
     run_id: str
     stop: StopSignal
+    given: TrainingConfig
     skipped: int = 0  # updates dropped for a non-finite loss or gradient (on_nonfinite = "skip")
     models: dict[str, nn.Module] | None = None  # set by prepare: what checkpoints hold, by subfolder ("": the root)
     tokenizer: object = None  # set by prepare: saved beside the models
@@ -120,19 +125,28 @@ class Run:
 
 
 def start(config_class: type, argv: list[str] | None) -> Run:
+    """Parse, join the ranks and check output_dir, all before anything is loaded: the same command run again on its
+    finished run says so and exits 0 (as make does); an output_dir holding another run is refused in one line."""
     stop = StopSignal()  # from the start: Ctrl-C while loading exits with one line, not a traceback
     args = parse_config_or_exit(config_class, argv)
     dist = init_distributed()
     trainer = module_name(config_class).rpartition(".")[2]
+    # a checkpoint path asks to redo the steps after it; true (the newest checkpoint) has nothing left to do
+    if args.resume_from_checkpoint in (None, False, True) and not args.overwrite_output_dir and finished(args):
+        print0(f"[minirlhf] {args.output_dir} already holds this finished run (same config); nothing to do")
+        cleanup_distributed()
+        raise SystemExit(0)
     with exit_on_bad_input():
         # FSDP shards over the processes torchrun starts; in a plain process it is a config error
         require(not args.fsdp or torch.distributed.is_initialized(), "fsdp",
                 "needs several processes: launch with torchrun --nproc_per_node=N, or leave fsdp unset")
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir, trainer)
         run_id = read_state(resume).get("run_id", "") if resume else uuid.uuid4().hex  # "": saved before run ids
+        check_output_dir(args, run_id if resume else None)
         check_writable(args.output_dir)
     seed_everything(args.seed)  # before loading: a new score head is the first random draw (huggingface/trl#4887)
-    return Run(args, dist, resolve_precision(args.bf16, args.fp16, dist.device), resume, trainer, run_id, stop)
+    return Run(args, dist, resolve_precision(args.bf16, args.fp16, dist.device), resume, trainer, run_id, stop,
+               given=copy.copy(args))
 
 
 def seed_everything(seed: int) -> None:
@@ -164,27 +178,75 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def check_writable(output_dir: str) -> None:
-    """output_dir must be a folder we can write in (found now, not at the first save an hour later)."""
+    """output_dir must be a folder we can write in, or create (found now, not at the first save an hour later). It is
+    not created here but once everything has loaded (prepare), so a start that fails leaves no empty folder behind."""
+    path = Path(output_dir).absolute()
+    nearest = next(p for p in (path, *path.parents) if p.exists())  # the folder that will hold the new ones
     try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=output_dir).close()
+        if not nearest.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(nearest))
+        tempfile.TemporaryFile(dir=nearest).close()
     except OSError as e:
         raise ValueError(f"output_dir: cannot write to {output_dir} ({e.strerror or e})") from None
+
+
+FINISHED = "# finished: the final model in this folder is this config's"  # config.toml's last line, by save_final
+HOW_STARTED = ("resume_from_checkpoint", "overwrite_output_dir")  # keys that say how a run starts, not what it does
+
+
+def final_model(output_dir: str | Path) -> list[str]:
+    """The final model's weights in output_dir (a full model's, or a LoRA run's adapter), by file name."""
+    patterns = ("model*.safetensors*", "adapter_model.safetensors")
+    return [p.name for pattern in patterns for p in Path(output_dir).glob(pattern)]
+
+
+def saved_config(output_dir: str | Path) -> str | None:
+    """output_dir/config.toml as text (compared, never parsed or acted on), or None if there is none to read."""
+    try:
+        return (Path(output_dir) / "config.toml").read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def finished(args: TrainingConfig) -> bool:
+    """Whether output_dir holds the final model of a run of this very config: config.toml there ends with save_final's
+    FINISHED line and differs from `args` in no key but how the run was started (HOW_STARTED)."""
+    saved, config = saved_config(args.output_dir), config_to_toml(args)
+    return (saved is not None and saved.endswith(FINISHED + "\n") and bool(final_model(args.output_dir))
+            and saved.partition("\n")[0] == config.partition("\n")[0]  # the trainer, in the first line
+            and not changed_keys(saved, config, ignore=HOW_STARTED))
 
 
 def check_output_dir(args: TrainingConfig, run_id: str | None) -> None:
     """output_dir must hold no other run (checkpoints of another run id, or a final model on a fresh start) unless
     overwrite_output_dir: a fresh run must neither delete a finished run's work nor mix its checkpoints with its own
-    (resume_from_checkpoint = true would then pick the other run's)."""
+    (resume_from_checkpoint = true would then pick the other run's). The refusal says what is there, from the
+    config.toml beside it, and advises a resume only where there is a checkpoint to resume from."""
     output_dir = Path(args.output_dir)
     others = [p.name for p in checkpoint_dirs(output_dir) if read_state(p).get("run_id", "") != run_id]
-    finals = ("model*.safetensors*", "adapter_model.safetensors")  # a full model's, or a LoRA run's adapter
-    final = [p.name for pattern in finals for p in output_dir.glob(pattern)] if run_id is None else []
-    if (others or final) and not args.overwrite_output_dir:
-        found = ", ".join([*others[-2:], *final[:1]])
-        raise ValueError(f"output_dir: {output_dir} holds another run ({found}); resume it with "
-                         "--resume_from_checkpoint=true (or a checkpoint path), or start afresh with "
-                         "--overwrite_output_dir=true, which deletes its checkpoints")
+    final = final_model(output_dir) if run_id is None else []
+    if not (others or final) or args.overwrite_output_dir:
+        return
+    found = ", ".join([*others[-2:], *final[:1]])
+    saved, config = saved_config(output_dir), config_to_toml(args)
+    if run_id is not None:  # resuming this run among another's checkpoints
+        what = f"another run's checkpoints ({found})"
+    elif saved is None or not saved.startswith("# minirlhf."):
+        what = f"another run ({found})"
+    elif saved.partition("\n")[0] != config.partition("\n")[0]:  # "# minirlhf.sft.SFTConfig ...": another trainer
+        what = f"a {saved.split()[1].rpartition('.')[0]} run ({found})"
+    else:
+        done, keys = saved.endswith(FINISHED + "\n"), changed_keys(saved, config, ignore=HOW_STARTED)
+        listed = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+        if keys:
+            what = f"{'a finished run' if done else 'a run'} with a different config (keys: {listed})"
+        else:
+            what = f"{'this finished run' if done else 'an unfinished run of this config'} ({found})"
+    resume = ("continue it with --resume_from_checkpoint=true (or a checkpoint path), " if others and run_id is None
+              else "")
+    deletes = ", which deletes its checkpoints" if others else ""
+    raise ValueError(f"output_dir: {output_dir} holds {what}; {resume}start afresh with --overwrite_output_dir=true"
+                     f"{deletes}, or choose another output_dir")
 
 
 def prepare(run: Run, model: nn.Module, tokenizer, new_state: dict, saved: dict[str, nn.Module] | None = None,
@@ -194,8 +256,6 @@ def prepare(run: Run, model: nn.Module, tokenizer, new_state: dict, saved: dict[
     there); `sharded`: the models to shard (FSDP); a resumed trainer_state must have every key of `new_state`."""
     args = run.args
     run.models, run.tokenizer = saved or {"": model}, tokenizer
-    with exit_on_bad_input():  # after loading, so that a bad model or dataset is reported first
-        check_output_dir(args, run.run_id if run.resume else None)
     if run.resume is not None:
         with exit_on_bad_input():
             load_checkpoint_weights(run.resume, run.models)  # before sharding: whole tensors into whole parameters
@@ -219,7 +279,7 @@ def prepare(run: Run, model: nn.Module, tokenizer, new_state: dict, saved: dict[
             if read_state(old).get("run_id", "") != run.run_id:
                 shutil.rmtree(old)
                 print0(f"[minirlhf] overwrite_output_dir: deleted {old}")
-        save_config(args, Path(args.output_dir) / "config.toml")
+        save_config(args, Path(args.output_dir) / "config.toml", given=run.given)  # creates output_dir
     run.stop.in_loop = True
     return train_model, run.optimizer, state
 
@@ -319,6 +379,7 @@ def checkpoint_or_stop(run: Run, step: int, scheduled: bool, state: dict, logger
     """After optimizer step (PPO: update) `step`: save checkpoint-<step> when `scheduled` or when any rank got
     SIGTERM/SIGINT (one all-reduced flag), and then say where and exit 128 + the signal number. Every rank calls it;
     a full disk or another OS error: one line, the temporary folder removed, exit 2, the checkpoints before intact."""
+    unit = "update" if run.trainer == "ppo" else "step"  # what each trainer's log counts
     stopping = run.stop.requested(run.dist.device)
     if stopping or scheduled:
         with exit_on_os_error(f"checkpoint-{step}", Path(run.args.output_dir) / f".tmp-checkpoint-{step}"):
@@ -328,7 +389,7 @@ def checkpoint_or_stop(run: Run, step: int, scheduled: bool, state: dict, logger
     if stopping:
         logger.close()
         signum = run.stop.signum or signal.SIGTERM
-        print0(f"[minirlhf] stopped by {signal.Signals(signum).name} after step {step}: saved "
+        print0(f"[minirlhf] stopped by {signal.Signals(signum).name} after {unit} {step}: saved "
                f"{Path(run.args.output_dir) / f'checkpoint-{step}'}; continue with --resume_from_checkpoint=true")
         cleanup_distributed()
         raise SystemExit(128 + signum)
@@ -337,7 +398,7 @@ def checkpoint_or_stop(run: Run, step: int, scheduled: bool, state: dict, logger
 @contextlib.contextmanager
 def exit_on_os_error(what: str, tmp: Path):
     """Around a save: an OS error (a full disk, a vanished mount) prints one line and exits 2, after removing the
-    temporary folder `tmp`; what was saved before is intact, the saves being atomic. torch.save reports a failed
+    temporary folder or file `tmp`; what was saved before is intact, the saves being atomic. torch.save reports a failed
     write as a RuntimeError raised while handling the OSError, so the OSError is looked for in the chain. Under
     torchrun every rank learns of a failure on any rank (checkpoint.agreed) and exits 2; the failing rank says why."""
     try:
@@ -346,7 +407,10 @@ def exit_on_os_error(what: str, tmp: Path):
         error = e if isinstance(e, OSError) else e.__context__
         if not isinstance(error, OSError):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         if not isinstance(error, OtherRankFailed):
             cause = f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}"
             print(f"error: output_dir: cannot save {what} in {tmp.parent} ({cause}); what was saved before is intact",
@@ -358,8 +422,9 @@ def exit_on_os_error(what: str, tmp: Path):
 def save_final(run: Run, base_model_path: str) -> None:
     """The models (run.models) and the tokenizer into output_dir; every rank calls it, rank 0 writes. A LoRA run
     (use_peft) saves its adapter in PEFT's layout (adapter_config.json names `base_model_path`) and the merged model
-    in merged/. Under torchrun every rank learns whether rank 0 could (checkpoint.agreed), so that a full disk there
-    exits 2 on all."""
+    with the tokenizer in merged/. Last, config.toml is marked FINISHED: the same command run again has nothing to do.
+    Under torchrun every rank learns whether rank 0 could (checkpoint.agreed), so that a full disk there exits 2 on
+    all."""
     run.stop.in_loop = False  # a signal now exits at once: the saves below are atomic, the last checkpoint complete
     models = dict(run.models)
     if run.args.use_peft:
@@ -370,15 +435,21 @@ def save_final(run: Run, base_model_path: str) -> None:
         with exit_on_os_error("the final model", folder / ".tmp-save"), agreed():
             if run.dist.is_main:
                 save_pretrained(model, str(folder), state_dict=weights[sub])
-    tmp = Path(run.args.output_dir) / ".tmp-tokenizer"
-    with exit_on_os_error("the tokenizer", tmp), agreed():
-        if run.dist.is_main:  # written aside, then renamed into place, as save_pretrained does the model's files
-            shutil.rmtree(tmp, ignore_errors=True)
-            run.tokenizer.save_pretrained(tmp)
-            for file in tmp.iterdir():
-                os.replace(file, tmp.parent / file.name)
-            tmp.rmdir()
+    for sub in ("", "merged") if run.args.use_peft else ("",):  # merged/ is a whole model: transformers needs both
+        tmp = Path(run.args.output_dir) / sub / ".tmp-tokenizer"
+        with exit_on_os_error("the tokenizer", tmp), agreed():
+            if run.dist.is_main:  # written aside, then renamed into place, as save_pretrained does the model's files
+                shutil.rmtree(tmp, ignore_errors=True)
+                run.tokenizer.save_pretrained(tmp)
+                for file in tmp.iterdir():
+                    os.replace(file, tmp.parent / file.name)
+                tmp.rmdir()
     if run.args.use_peft and run.dist.is_main:
         save_adapter(run.models[""], run.args.output_dir, base_model_path)
+    config, tmp = Path(run.args.output_dir) / "config.toml", Path(run.args.output_dir) / ".tmp-config.toml"
+    with exit_on_os_error("config.toml", tmp), agreed():
+        if run.dist.is_main:  # renamed into place: a crash leaves the unmarked file, never half a line
+            tmp.write_text(config_to_toml(run.args, run.given) + FINISHED + "\n")
+            os.replace(tmp, config)
     also = "".join(f" and {sub}/" for sub in models if sub)
     print0(f"[minirlhf] saved the final model{also} to {run.args.output_dir}")
