@@ -36,6 +36,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
+from minirlhf.infra.parallel import tell_launcher
 from minirlhf.optim import SCHEDULES, schedule_kwargs
 
 STRATEGIES = ("no", "steps", "epoch")  # transformers also has save_strategy="best" (needs load_best_model_at_end)
@@ -319,11 +320,13 @@ def parse_config(cls: type[C], argv: list[str]) -> C:
 @contextlib.contextmanager
 def exit_on_bad_input():
     """Around a `main()`'s parsing and loading: a ValueError (a ConfigError, bad data, model folder or checkpoint)
-    prints `error: ...` on one line to stderr and exits with status 2, as argparse does."""
+    prints `error: ...` on one line to stderr and exits with status 2, as argparse does (under torchrun, the line is
+    also the root cause its failure summary names)."""
     try:
         yield
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        tell_launcher(f"error: {e}")
         raise SystemExit(2) from None
 
 

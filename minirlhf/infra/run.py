@@ -63,6 +63,7 @@ from minirlhf.infra.parallel import (
     full_tensor,
     init_distributed,
     print0,
+    tell_launcher,
 )
 from minirlhf.model import Attention
 from minirlhf.optim import AdamW, lr_multiplier, param_groups, steps_from
@@ -353,8 +354,10 @@ def check_finite(run: Run, step: int | str, values: dict[str, float | torch.Tens
         return False
     last = checkpoint_dirs(run.args.output_dir, run.run_id)
     skip = ', or set on_nonfinite = "skip"' if can_skip else ""  # skipping cannot undo a step already taken
-    print0(f"error: step {step}: {what}; stopped without saving (last checkpoint: {last[-1] if last else 'none'}); "
-           f"lower learning_rate{skip}", file=sys.stderr)
+    message = (f"error: step {step}: {what}; stopped without saving (last checkpoint: {last[-1] if last else 'none'}); "
+               f"lower learning_rate{skip}")
+    print0(message, file=sys.stderr)
+    tell_launcher(message)
     cleanup_distributed()
     raise SystemExit(1)
 
@@ -413,8 +416,10 @@ def exit_on_os_error(what: str, tmp: Path):
             tmp.unlink(missing_ok=True)
         if not isinstance(error, OtherRankFailed):
             cause = f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}"
-            print(f"error: output_dir: cannot save {what} in {tmp.parent} ({cause}); what was saved before is intact",
-                  file=sys.stderr, flush=True)
+            message = (f"error: output_dir: cannot save {what} in {tmp.parent} ({cause}); what was saved before is "
+                       "intact")
+            print(message, file=sys.stderr, flush=True)
+            tell_launcher(message)
         cleanup_distributed()
         raise SystemExit(2) from None
 
