@@ -112,7 +112,7 @@ class TrainingConfig:
     dataset_train_split: str = "train"
     """split to train on"""
     dataset_test_split: str = "test"
-    """split to evaluate on (when eval_strategy is not "no")"""
+    """split to evaluate on (when eval_strategy is not "no", or do_train is false)"""
 
     # ---- batch sizes and optimisation (AdamW, linear/cosine/constant schedules)
     per_device_train_batch_size: int = 8
