@@ -5,7 +5,7 @@ TRL trl/trainer/reward_config.py and reward_trainer.py (`RewardTrainer.compute_l
 `Trainer._inner_training_loop` (trainer.py).
 
 Run: `python -m minirlhf.reward configs/reward.toml [--key value ...]`, or under `torchrun -m` for several ranks;
-`--help` lists every key.
+`--help` lists every key. `--do_train false` evaluates model_name_or_path on dataset_test_split and trains nothing.
 
 RewardConfig keeps TRL's names and defaults. TRL keys left out, accepted only at TRL's default (see --help):
 `model_init_kwargs` (its useful entries are the `dtype` and `model_revision` keys), `trust_remote_code` (minirlhf
@@ -39,6 +39,7 @@ from minirlhf.infra.run import (
     due,
     optimizer_step,
     prepare,
+    save_eval,
     save_final,
     scheduled_lr,
     start,
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     args, device = run.args, run.dist.device
     with exit_on_bad_input():
         model, tokenizer, train_dataset, eval_dataset = load(args, device)
+        if not args.do_train:  # transformers' do_train = False: evaluate model_name_or_path, save no model
+            save_eval(run, evaluate(model, eval_dataset, args, run, tokenizer.pad_token_id))
+            return
         n_batches, steps_per_epoch, total_steps = count_steps(args, len(train_dataset), run.dist.world_size)
     # Training state: everything a resumed run needs to continue bit for bit (the data order is a function of the
     # epoch, so a position in it is enough); window: what the next log averages.
@@ -209,8 +213,9 @@ def load(args: RewardConfig, device: torch.device):
         print0(f"[minirlhf] {source}: {len(examples)} pairs, {dropped} dropped for exceeding max_length")
         return examples
 
-    train_dataset = dataset(args.dataset_train_split)
-    eval_dataset = dataset(args.dataset_test_split, evaluation=True) if args.eval_strategy != "no" else []
+    train_dataset = dataset(args.dataset_train_split) if args.do_train else []
+    evaluating = args.eval_strategy != "no" or not args.do_train
+    eval_dataset = dataset(args.dataset_test_split, evaluation=True) if evaluating else []
     return model, tokenizer, train_dataset, eval_dataset
 
 

@@ -105,7 +105,7 @@ def fails(capsys, ws: Path, trainer: str, *extra: str, flags: list[str] | None =
     ("reward", ["--trust_remote_code=true"], ["trust_remote_code", "not implemented"]),
     ("ppo", ["--num_mini_batches=3"], ["num_mini_batches", "not a multiple"]),
     ("ppo", ["--batch_size=2"], ["batch_size", "filled at runtime"]),
-    ("sft", ["--eval_strategy=steps"], ["eval_strategy", "evaluation is not implemented"]),
+    ("ppo", ["--do_train=false"], ["do_train", "no evaluation loop", "leave it unset"]),
     ("ppo", ["--response_length=0"], ["response_length", ">= 1"]),
 ])
 def test_bad_config_values(capsys, ws, trainer, extra, expected):

@@ -31,7 +31,6 @@ from minirlhf.infra.config import (
 )
 from minirlhf.ppo import PPOConfig
 from minirlhf.reward import RewardConfig
-from minirlhf.sft import SFTConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,7 +39,9 @@ else:
 
 CLASSES = [TrainingConfig, RewardConfig, PPOConfig]
 # Fields whose default we change on purpose.
-DELIBERATE = {"bf16": "TRL resolves None to True at construction (and fails on CPU); ours stays None = auto"}
+DELIBERATE = {"bf16": "TRL resolves None to True at construction (and fails on CPU); ours stays None = auto",
+              "do_train": "transformers' False is read by example scripts alone (a Trainer trains when called); "
+                          "minirlhf's main trains unless told not to"}
 # Our fields that TRL's trainer config lacks: TRL's ModelConfig/ScriptArguments hold these, or (PPO) trainer attributes.
 SCRIPT_FIELDS = {"model_name_or_path", "model_revision", "dtype", "dataset_name", "dataset_train_split",
                  "dataset_test_split"}
@@ -231,6 +232,8 @@ ERRORS = [  # (class, file text or None, flags, words the one-line message must 
     (PPOConfig, None, ["--batch_size", "2"], ["command line", "batch_size", "filled at runtime"]),
     (PPOConfig, None, ["--push_to_hub"], ["push_to_hub", "not implemented"]),
     (PPOConfig, "kl_estimator = \"k2\"\n", [], ["cfg", "kl_estimator", "k2"]),
+    (PPOConfig, None, ["--do_train", "false"], ["command line", "do_train", "no evaluation loop"]),
+    (RewardConfig, None, ["--do_train", "false", "--resume_from_checkpoint", "true"], ["resume_from_checkpoint"]),
 ]
 
 
@@ -409,7 +412,7 @@ def test_trl_yaml_config_as_toml(ours_cls, theirs_cls, tmp_path):
 
 @pytest.mark.parametrize("cls, key, value", [
     (PPOConfig, "logging_steps", 5), (PPOConfig, "eval_strategy", "steps"), (PPOConfig, "dataloader_drop_last", True),
-    (PPOConfig, "max_steps", 10), (SFTConfig, "eval_strategy", "steps"), (SFTConfig, "per_device_eval_batch_size", 4),
+    (PPOConfig, "max_steps", 10), (PPOConfig, "do_train", False),
 ])
 def test_unused_fields_are_refused(cls, key, value, tmp_path):
     with pytest.raises(ConfigError) as e:

@@ -18,7 +18,7 @@ ENTRY_POINTS = {"reward", "sft", "ppo"}
 ENTRY_IMPORTS = {
     "infra.config": {"TrainingConfig", "exit_on_bad_input", "require", "import_function"},
     "infra.run": {"start", "prepare", "autocast", "count_steps", "scheduled_lr", "optimizer_step", "due",
-                  "checkpoint_or_stop", "save_final", "check_finite", "check_update", "Run"},
+                  "checkpoint_or_stop", "save_final", "save_eval", "check_finite", "check_update", "Run"},
     "infra.parallel": {"all_reduce", "gather", "gradient_sync", "gathered_weights", "cleanup_distributed", "print0"},
     "infra.metrics": {"MetricsLogger", "LogWindow", "keep_records_up_to"},
     "infra.hf": {"load_pretrained"},

@@ -210,6 +210,31 @@ def test_cli_runs_and_saves(tmp_path, data_dir):
     assert (tmp_path / "out" / "checkpoint-2" / "optimizer.pt").exists()
 
 
+def test_cli_eval_only(tmp_path, data_dir):
+    """`--do_train false` into the output_dir of a finished run: the run's last eval record again (the same weights),
+    in eval_results.json alone, the run's files untouched; a data file has no test split: one line, exit 2."""
+    model_dir, out = write_model(tmp_path / "model"), tmp_path / "out"
+    common = [f"--dataset_name={data_dir}", f"--output_dir={out}", "--per_device_eval_batch_size=4",
+              "--disable_tqdm=true"]
+    result = run_cli(f"--model_name_or_path={model_dir}", *common, "--max_steps=2", "--per_device_train_batch_size=4",
+                     "--eval_strategy=steps", "--eval_steps=2", "--learning_rate=3e-3")
+    assert result.returncode == 0, result.stderr
+    trained = read_metrics(out)[-2]  # the eval at the last step, before the closing train_* record
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run_cli(f"--model_name_or_path={out}", *common, "--do_train=false")
+    assert result.returncode == 0, result.stderr
+    assert "eval_accuracy=" in result.stdout
+    ours = json.loads((out / "eval_results.json").read_text())
+    for key in ("eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward", "eval_min_reward", "eval_max_reward"):
+        assert ours[key] == pytest.approx(trained[key], rel=1e-5, abs=1e-6), key
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "eval_results.json"} == before
+
+    result = run_cli(f"--model_name_or_path={out}", f"--dataset_name={data_dir / 'train.jsonl'}", "--do_train=false",
+                     f"--output_dir={tmp_path / 'eval'}")
+    assert result.returncode == 2 and not (tmp_path / "eval").exists()
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "'test' split" in result.stderr
+
+
 def test_cli_unknown_key(tmp_path):
     (tmp_path / "bad.toml").write_text("learning_rte = 1e-5\n")
     result = run_cli(str(tmp_path / "bad.toml"))

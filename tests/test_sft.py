@@ -129,3 +129,64 @@ def test_torchrun_two_ranks_equal_one_process(toy, tmp_path, fsdp):
     assert set(one_w) == set(two_w)
     for name, tensor in one_w.items():
         torch.testing.assert_close(two_w[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_eval_only_matches_trl_evaluate(toy, tmp_path):
+    """`--do_train false` on a test split of 6 rows in batches of 4 (a short last batch) reports SFTTrainer.evaluate's
+    eval_loss, eval_entropy and eval_mean_token_accuracy (fp32, 1e-5), and trains and saves nothing."""
+    import datasets
+    import transformers
+    from trl import SFTConfig, SFTTrainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in (toy / "sft" / "test.jsonl").read_text().splitlines()[:6]]
+    (data / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    trainer = SFTTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(toy / "hf",
+                                                                                 attn_implementation="eager"),
+                         train_dataset=datasets.Dataset.from_list(rows), eval_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=transformers.AutoTokenizer.from_pretrained(toy / "hf"),
+                         args=SFTConfig(output_dir=str(tmp_path / "trl"), bf16=False, use_cpu=True, report_to="none",
+                                        max_length=64, per_device_eval_batch_size=4))
+    theirs = trainer.evaluate()
+
+    out = tmp_path / "out"
+    result = run_cli(["--model_name_or_path", str(toy / "hf"), "--dataset_name", str(data), "--do_train", "false",
+                      "--per_device_eval_batch_size", "4", "--max_length", "64", "--output_dir", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "eval_loss=" in result.stdout
+    ours = json.loads((out / "eval_results.json").read_text())
+    for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-5), key
+    assert [p.name for p in out.iterdir()] == ["eval_results.json"]
+
+
+@pytest.mark.slow
+def test_cli_evaluates_on_schedule_then_eval_only_reads_the_saved_model(toy, tmp_path):
+    """eval_strategy "steps" logs an eval record every eval_steps (and at the end); `--do_train false` on the saved
+    model, into the run's own output_dir, reproduces the last one and leaves the run's files as they were."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 16), ("test", 6)):
+        lines = (toy / "sft" / f"{split}.jsonl").read_text().splitlines(keepends=True)[:n]
+        (data / f"{split}.jsonl").write_text("".join(lines))
+    out = tmp_path / "out"
+    common = ["--dataset_name", str(data), "--output_dir", str(out), "--per_device_eval_batch_size", "4",
+              "--disable_tqdm", "true"]
+    result = run_cli(["--model_name_or_path", str(toy / "model"), *common, "--per_device_train_batch_size", "4",
+                      "--max_steps", "3", "--learning_rate", "1e-3", "--logging_steps", "1", "--eval_strategy",
+                      "steps", "--eval_steps", "2", "--save_strategy", "no"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [2, 3]  # every 2 steps, and at the last
+    assert set(evals[0]) == {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+                              "eval_entropy", "eval_mean_token_accuracy", "epoch", "step"}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    result = run_cli(["--model_name_or_path", str(out), *common, "--do_train", "false"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    ours = json.loads((out / "eval_results.json").read_text())
+    for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
+        assert ours[key] == pytest.approx(evals[-1][key], rel=1e-5, abs=1e-6), key
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "eval_results.json"} == before

@@ -112,7 +112,7 @@ class TrainingConfig:
     dataset_train_split: str = "train"
     """split to train on"""
     dataset_test_split: str = "test"
-    """split to evaluate on (when eval_strategy is not "no")"""
+    """split to evaluate on (when eval_strategy is not "no", or do_train is false)"""
 
     # ---- batch sizes and optimisation (AdamW, linear/cosine/constant schedules)
     per_device_train_batch_size: int = 8
@@ -147,6 +147,9 @@ class TrainingConfig:
     """transformers 4.x spelling of a fractional warmup_steps, copied into it (set one of the two)"""
 
     # ---- logging, evaluation, checkpoints
+    do_train: bool = True
+    """false: evaluate model_name_or_path on dataset_test_split and exit, training nothing and writing only
+    output_dir/eval_results.json (whatever else output_dir holds); the record is also printed"""
     logging_strategy: str = "steps"
     """when to log: "no", "steps" (every logging_steps) or "epoch" (at each epoch end)"""
     logging_steps: float = 10
@@ -205,6 +208,11 @@ class TrainingConfig:
         for f in dataclasses.fields(self):
             if f.name in self.unused:
                 require(getattr(self, f.name) == f.default, f.name, f"{self.unused[f.name]}; leave it unset")
+        # do_train = false is an evaluation: refused by a trainer without one (PPO), and it has nothing to resume
+        if "eval_strategy" in self.unused:
+            require(self.do_train, "do_train", f"{self.unused['eval_strategy']}; leave it unset")
+        require(self.do_train or self.resume_from_checkpoint in (None, False), "resume_from_checkpoint",
+                "nothing to resume with do_train = false (it evaluates model_name_or_path)")
         # The checks of TrainingArguments.__post_init__ and _validate_args (training_args.py), as one-line errors.
         self.output_dir = os.path.expanduser(self.output_dir)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

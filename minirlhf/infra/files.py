@@ -71,11 +71,12 @@ def load_rows(dataset_name: str, split: str, revision: str | None = None, evalua
     path = local_or_hub(dataset_name, [f"*{suffix}" for suffix in DATA_SUFFIXES], revision, repo_type="dataset")
     if path.is_file() and evaluation:
         raise MissingSplit(f"{dataset_name}: a data file is the train split alone: no {split!r} split to evaluate on "
-                           f'(its rows are the training rows); set eval_strategy = "no", or make dataset_name a folder '
-                           f"holding train.jsonl and {split}.jsonl")
+                           f"(its rows are the training rows); make dataset_name a folder holding train.jsonl and "
+                           f'{split}.jsonl, or train without evaluating: eval_strategy = "no"')
     if path.is_file():
         return Rows(_read_file(path))
-    files = _split_files(path, split, f'set eval_strategy = "no", or add a {split}.jsonl' if evaluation else "")
+    advice = f'add a {split}.jsonl, or train without evaluating: eval_strategy = "no"' if evaluation else ""
+    files = _split_files(path, split, advice)
     return Rows([(f"{file.relative_to(path)} {where}", row) for file in files for where, row in _read_file(file)])
 
 

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import errno
 import functools
+import json
 import math
 import os
 import random
@@ -133,7 +134,8 @@ def start(config_class: type, argv: list[str] | None) -> Run:
     dist = init_distributed()
     trainer = module_name(config_class).rpartition(".")[2]
     # a checkpoint path asks to redo the steps after it; true (the newest checkpoint) has nothing left to do
-    if args.resume_from_checkpoint in (None, False, True) and not args.overwrite_output_dir and finished(args):
+    if (args.do_train and args.resume_from_checkpoint in (None, False, True) and not args.overwrite_output_dir
+            and finished(args)):
         print0(f"[minirlhf] {args.output_dir} already holds this finished run (same config); nothing to do")
         cleanup_distributed()
         raise SystemExit(0)
@@ -143,7 +145,8 @@ def start(config_class: type, argv: list[str] | None) -> Run:
                 "needs several processes: launch with torchrun --nproc_per_node=N, or leave fsdp unset")
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir, trainer)
         run_id = read_state(resume).get("run_id", "") if resume else uuid.uuid4().hex  # "": saved before run ids
-        check_output_dir(args, run_id if resume else None)
+        if args.do_train:  # an evaluation writes eval_results.json alone, beside whatever output_dir holds
+            check_output_dir(args, run_id if resume else None)
         check_writable(args.output_dir)
     seed_everything(args.seed)  # before loading: a new score head is the first random draw (huggingface/trl#4887)
     return Run(args, dist, resolve_precision(args.bf16, args.fp16, dist.device), resume, trainer, run_id, stop,
@@ -458,3 +461,17 @@ def save_final(run: Run, base_model_path: str) -> None:
             os.replace(tmp, config)
     also = "".join(f" and {sub}/" for sub in models if sub)
     print0(f"[minirlhf] saved the final model{also} to {run.args.output_dir}")
+
+
+def save_eval(run: Run, metrics: dict[str, float]) -> None:
+    """do_train = false: print the evaluation and write it to output_dir/eval_results.json, as transformers' example
+    scripts do (`trainer.save_metrics("eval", metrics)`: indent 4, sorted keys); rank 0 writes, nothing else."""
+    if run.dist.is_main:
+        print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        path = Path(run.args.output_dir) / "eval_results.json"
+        tmp = path.with_name(".tmp-eval_results.json")
+        with exit_on_os_error("eval_results.json", tmp):  # written aside, then renamed: never half a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(metrics, indent=4, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+    cleanup_distributed()
