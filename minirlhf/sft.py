@@ -87,10 +87,12 @@ def main(argv: list[str] | None = None) -> None:
             step_loss = 0.0
             for i, b in enumerate(micro_batches):
                 with gradient_sync(train_model, i == len(micro_batches) - 1):  # ranks average in the last backward
-                    with autocast(device, run.precision):
-                        logits = train_model(b["input_ids"].to(device), b["attention_mask"].to(device))
+                    labels = b["labels"].to(device)
+                    with autocast(device, run.precision):  # each next token's log-prob, no (B, T, vocab) logits
+                        logprobs, _ = train_model(b["input_ids"].to(device), b["attention_mask"].to(device),
+                                                  targets=labels[:, 1:].clamp(min=0))  # -100 reads id 0, not counted
                     # DDP/FSDP average over ranks; the world_size factor makes it a mean over all ranks' tokens
-                    loss = completion_loss(logits, b["labels"].to(device), num_items_in_batch) * world
+                    loss = completion_loss(logprobs, labels, num_items_in_batch) * world
                     loss.backward()
                 step_loss += loss.item() / world
             # 3. clip, then step with the scheduled learning rate
