@@ -1,5 +1,7 @@
 """Every RLHF formula of the reward-model and PPO loops, as small pure tensor functions (torch only).
 
+Log-probabilities and entropies of target tokens straight from the hidden states and the lm_head, a chunk of tokens
+at a time (`chunked_logprobs`): what the policy's log-probs in PPO and SFT's loss are computed with.
 SFT: the completion-only cross-entropy (transformers loss_utils.py, ForCausalLMLoss).
 Reward model: the Bradley-Terry loss with TRL's optional margin and centring term, and the logged metrics
 (trl/trainer/reward_trainer.py, `RewardTrainer.compute_loss`).
@@ -27,6 +29,7 @@ Usage (one PPO update; B rollouts of T response tokens):
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 INVALID_LOGPROB = 1.0  # written into logprobs at padding (TRL ppo_trainer.py), so ratio = 1 and k1 = k3 = 0 there
 
@@ -67,14 +70,14 @@ def reward_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor)
     }
 
 
-def completion_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | None = None) -> torch.Tensor:
-    """SFT: cross-entropy of (B, T, V) logits predicting the next token against (B, T) labels (-100 = not a target),
-    summed and divided by num_items_in_batch (default: the number of targets here), as transformers' ForCausalLMLoss
-    (loss_utils.py) computes it for TRL's SFTTrainer."""
-    shift_labels = labels[:, 1:]  # token t + 1 is predicted at position t
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(), ignore_index=-100,
-                           reduction="sum")
-    return loss / (num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum())
+def completion_loss(logprobs: torch.Tensor, labels: torch.Tensor,
+                    num_items_in_batch: int | None = None) -> torch.Tensor:
+    """SFT: the cross-entropy -log p(label) of (B, T - 1) log-probs of each next token (CausalLM.forward with
+    targets) against (B, T) labels (-100 = not a target), summed and divided by num_items_in_batch (default: the
+    number of targets here), as transformers' ForCausalLMLoss (loss_utils.py) computes it for TRL's SFTTrainer."""
+    is_target = labels[:, 1:] != -100  # token t + 1 is predicted at position t
+    loss = -logprobs.masked_fill(~is_target, 0).sum()
+    return loss / (num_items_in_batch if num_items_in_batch is not None else is_target.sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -96,6 +99,12 @@ def truncate_response(stop_token_id: int, pad_token_id: int, responses: torch.Te
     return responses.masked_fill(idx > stop_idx, pad_token_id)
 
 
+def gather_index(responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Response ids to gather logprobs at. A pad id may lie outside the vocabulary ([PAD] added without resizing), so
+    pads read id 0; callers overwrite those positions with INVALID_LOGPROB."""
+    return responses.masked_fill(responses == pad_token_id, 0)
+
+
 def logprobs_from_logits(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits)[index]: (B, T, V) logits, (B, T) token ids -> (B, T) (TRL trainer/utils.py
     selective_log_softmax). Works one row of B at a time so no (B, T, V) temporary is made."""
@@ -112,6 +121,45 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position, (..., V) -> (...) (TRL ppo_trainer.py `entropy` statistic)."""
     # H = logsumexp(z) - sum_i softmax(z)_i z_i, which equals -sum p log p
     return torch.logsumexp(logits, dim=-1) - (logits.softmax(dim=-1) * logits).sum(dim=-1)
+
+
+LOGITS_PER_CHUNK = 2**24  # logits chunked_logprobs makes at once: 64 MiB in fp32, 110 tokens at Qwen2's vocabulary
+
+
+def chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of `targets` under softmax(h weight^T / temperature), and with_entropy the entropies of that
+    softmax, never holding more than one chunk of the logits: h (..., hidden) final hidden states, weight (V, hidden)
+    the lm_head, targets (...) ids -> logprobs (...), entropy (...) or None. The entropy is a statistic without
+    gradient (TRL takes its entropy under no_grad); it costs a softmax more per chunk, so only PPO's update asks.
+
+    The numbers of logprobs_from_logits and entropy_from_logits on the whole (..., V) logits
+    F.linear(h, weight).float() / temperature, as TRL's PPO computes them, but made LOGITS_PER_CHUNK / V tokens at a
+    time: at Qwen2's 151,936-token vocabulary the logits of 8 x 512 tokens are 2.5 GB per fp32 copy, and TRL makes
+    several (huggingface/trl#4013). With several chunks, torch.utils.checkpoint frees each chunk's logits after its
+    forward and recomputes them in its backward, so one chunk lives at a time in backward too; a lone chunk is kept.
+    Liger Kernel's fused linear cross-entropy (Hsu et al. 2024) and Cut Cross-Entropy (Wijmans et al. 2024) fuse
+    the same projection and loss with hand-written kernels."""
+    chunk = max(1, LOGITS_PER_CHUNK // weight.shape[0])
+    h_chunks, target_chunks = h.reshape(-1, h.shape[-1]).split(chunk), targets.reshape(-1).split(chunk)
+    recompute = torch.is_grad_enabled() and len(h_chunks) > 1
+    chunks = [checkpoint(logprobs_and_entropy, h_c, weight, t_c, temperature, with_entropy, use_reentrant=False)
+              if recompute else logprobs_and_entropy(h_c, weight, t_c, temperature, with_entropy)
+              for h_c, t_c in zip(h_chunks, target_chunks, strict=True)]
+    logprobs, entropy = zip(*chunks, strict=True)
+    return torch.cat(logprobs).view(targets.shape), torch.cat(entropy).view(targets.shape) if with_entropy else None
+
+
+def logprobs_and_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                         with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk of chunked_logprobs: h (n, hidden), weight (V, hidden), targets (n,) -> logprobs (n,), entropy (n,)
+    or None: the projection, then TRL's two formulas."""
+    logits = F.linear(h, weight).float() / temperature  # (n, V), in fp32 as TRL's PPO takes them
+    logprobs = logprobs_from_logits(logits[None], targets[None])[0]
+    if not with_entropy:
+        return logprobs, None
+    with torch.no_grad():  # so checkpoint's recompute in backward stops before it (its early stop)
+        return logprobs, entropy_from_logits(logits)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ and weight names into this module (`hf.load_pretrained`, `hf.save_pretrained`); 
 names.
 
 Two heads sit on the shared trunk:
-- `CausalLM`: next-token logits (the policy).
+- `CausalLM`: next-token logits, or the log-probs of given next tokens (the policy).
 - `RewardModel`: a linear `score` per token (the value model uses every position), pooled at the rightmost
   token that is not padding, exactly as transformers' `*ForSequenceClassification` does (e.g.
   `LlamaForSequenceClassification.forward`, via transformers' `GenericForSequenceClassification`).
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minirlhf.losses import first_true_indices
+from minirlhf.losses import chunked_logprobs, first_true_indices
 
 
 @dataclass
@@ -293,7 +293,7 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 class CausalLM(nn.Module):
-    """The trunk plus a language-model head: (B, T) ids -> (B, T, vocab) logits."""
+    """The trunk plus a language-model head: (B, T) ids -> (B, T, vocab) logits, or the log-probs of given tokens."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -302,16 +302,19 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                logits_to_keep: int = 0):
-        """Logits (B, logits_to_keep, vocab) of the last `logits_to_keep` positions (all when 0), as transformers'
-        argument of that name: the vocabulary projection is the largest matmul of a small model, and PPO needs it on
-        the response only."""
-        h = self.transformer(input_ids, attention_mask, position_ids, cache)
-        return self.logits(h[:, -logits_to_keep:])
+                logits_to_keep: int = 0, targets=None, temperature: float = 1.0, with_entropy: bool = False):
+        """Logits (B, logits_to_keep, vocab) of the last `logits_to_keep` positions (all when 0; transformers'
+        argument); given `targets` (B, K), the ids of the last K tokens, their log-probs and entropies (B, K; None
+        unless with_entropy) under softmax(logits / temperature) instead, without the logits (chunked_logprobs)."""
+        keep = logits_to_keep if targets is None else targets.shape[1] + 1
+        h = self.transformer(input_ids, attention_mask, position_ids, cache)[:, -keep:]
+        if targets is None:
+            return F.linear(h, self.head_weight())
+        return chunked_logprobs(h[:, :-1], self.head_weight(), targets, temperature, with_entropy)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states (..., hidden_size) -> logits (..., vocab), through the embedding matrix when tied."""
-        return F.linear(h, self.transformer.embed.weight if self.lm_head is None else self.lm_head.weight)
+    def head_weight(self) -> torch.Tensor:
+        """The (vocab, hidden_size) projection onto the vocabulary: lm_head's, or the embedding matrix when tied."""
+        return self.transformer.embed.weight if self.lm_head is None else self.lm_head.weight
 
 
 class RewardModel(nn.Module):
@@ -365,12 +368,6 @@ def model_inputs(query_responses: torch.Tensor, pad_token_id: int) -> tuple[torc
     return query_responses.masked_fill(~attention_mask, 0), attention_mask, position_ids
 
 
-def gather_index(responses: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """Response ids to gather logprobs at. A pad id may lie outside the vocabulary ([PAD] added without resizing), so
-    pads read id 0; callers overwrite those positions with INVALID_LOGPROB."""
-    return responses.masked_fill(responses == pad_token_id, 0)
-
-
 def get_reward(model: RewardModel, query_responses: torch.Tensor, pad_token_id: int, context_length: int):
     """Per-token scores (B, T + 1, 1) of the positions from the last query token on (TRL returns every position; PPO
     reads only these), the score (B,) at the last token before the first pad of the response part, and that index
@@ -386,15 +383,18 @@ def get_reward(model: RewardModel, query_responses: torch.Tensor, pad_token_id: 
 
 class PolicyAndValue(nn.Module):
     """The policy and the value model as one module, so one optimizer and one DDP wrapper cover both (TRL's
-    PolicyAndValueWrapper): (B, T) inputs -> logits (B, logits_to_keep, vocab) and values (B, logits_to_keep) of the
-    last positions (all when 0); no values without a value model."""
+    PolicyAndValueWrapper): (B, T) inputs ending in the (B, K) response ids `targets` -> the policy's log-probs of
+    them and entropies at `temperature` (CausalLM.forward) and the values, each (B, K), where they are predicted."""
 
     def __init__(self, policy: CausalLM, value_model: RewardModel | None):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+    def forward(self, input_ids, attention_mask, position_ids, targets: torch.Tensor, temperature: float = 1.0):
         values = None  # critic-free estimators have no value model
         if self.value_model is not None:
-            values = self.value_model.token_scores(input_ids, attention_mask, position_ids, logits_to_keep).squeeze(-1)
-        return self.policy(input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep), values
+            keep = targets.shape[1] + 1
+            values = self.value_model.token_scores(input_ids, attention_mask, position_ids, keep)[:, :-1].squeeze(-1)
+        logprobs, entropy = self.policy(input_ids, attention_mask, position_ids, targets=targets,
+                                        temperature=temperature, with_entropy=True)
+        return logprobs, entropy, values

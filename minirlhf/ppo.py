@@ -19,7 +19,8 @@ Critic-free estimators, reward functions: minirlhf/advantages.py and docs/estima
 Departures from TRL, each marked at its line: one optimizer step per minibatch whatever the gradient accumulation
 (TRL's accelerate cadence differs when GA > 1, see `ppo_update`); gradient checkpointing, bf16/fp16 autocast and
 `max_grad_norm` clipping are applied (TRL ignores them); minibatch permutations come from a seeded torch generator
-(TRL: unseeded NumPy); behaviour logprobs are gathered during generation, so no (B, T, vocab) logits are kept; the
+(TRL: unseeded NumPy); no (B, T, vocab) logits are made: behaviour logprobs are gathered during generation, the
+others computed from the hidden states a chunk of tokens at a time (losses.chunked_logprobs, the same numbers); the
 value model is saved and a run resumes exactly from a checkpoint (TRL can do neither); sample completions run on
 rank 0 with their own generator. PPO logs every update: the logging and evaluation keys are refused.
 
@@ -58,8 +59,8 @@ from minirlhf.infra.run import (
     scheduled_lr,
     start,
 )
-from minirlhf.losses import INVALID_LOGPROB, KL_ESTIMATORS, entropy_from_logits, logprobs_from_logits, ppo_value_loss
-from minirlhf.model import PolicyAndValue, gather_index, model_inputs
+from minirlhf.losses import INVALID_LOGPROB, KL_ESTIMATORS, gather_index, ppo_value_loss
+from minirlhf.model import PolicyAndValue, model_inputs
 from minirlhf.optim import set_lr, steps_from
 from minirlhf.rollout import sample_responses, score_responses
 
@@ -336,16 +337,16 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                 # DDP/FSDP average gradients over ranks once per minibatch, on its last micro-batch
                 with gradient_sync(model, gradient_accumulation_idx == len(micro_starts) - 1):
                     with autocast(device, precision):
-                        # logits and values only where a response token is predicted (TRL computes every position)
-                        output, vpred_temp = model(*model_inputs(mb_query_responses, pad_token_id),
-                                                   logits_to_keep=responses.shape[1] + 1)
-                    logits = output[:, :-1].float() / (args.temperature + 1e-7)  # (b, T, V)
-                    new_logprobs = logprobs_from_logits(logits, gather_index(mb_responses, pad_token_id))
+                        # log-probs, entropies and values only where a response token is predicted (TRL: logits at
+                        # every position, / temperature, log-softmax); no (b, T, vocab) logits are made
+                        new_logprobs, entropy, vpred = model(*model_inputs(mb_query_responses, pad_token_id),
+                                                             targets=gather_index(mb_responses, pad_token_id),
+                                                             temperature=args.temperature + 1e-7)  # (b, T) each
                     new_logprobs = new_logprobs.masked_fill(mb["padding_mask"], INVALID_LOGPROB)
                     pg_loss, pg_clipfrac, ratio = policy_loss(new_logprobs, mb, args)
                     loss = pg_loss
                     if critic:  # "gae": the value model learns beside the policy
-                        vpred = vpred_temp[:, :-1].float().masked_fill(mb["padding_mask_p1"], 0)  # (b, T)
+                        vpred = vpred.float().masked_fill(mb["padding_mask_p1"], 0)  # (b, T)
                         vf_loss, vf_clipfrac = ppo_value_loss(vpred, mb["values"], mb["returns"],
                                                               mb["padding_mask_p1"], args.cliprange_value)
                         loss = pg_loss + args.vf_coef * vf_loss
@@ -356,7 +357,7 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
                     stats["approxkl"][cell] = 0.5 * ((new_logprobs - mb["logprobs"]) ** 2).mean()
                     stats["pg_clipfrac"][cell] = pg_clipfrac
                     stats["pg_loss"][cell] = pg_loss
-                    stats["entropy"][cell] = entropy_from_logits(logits).mean()
+                    stats["entropy"][cell] = entropy.mean()  # over every position, pads too, as TRL
                     stats["ratio"][cell] = ratio.mean()
             # TRL never clips in PPO; max_grad_norm = 0 leaves the gradients as they are, but gives their norm
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)

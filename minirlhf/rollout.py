@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf.generate import generate
-from minirlhf.losses import INVALID_LOGPROB, first_true_indices, logprobs_from_logits, truncate_response
-from minirlhf.model import CausalLM, RewardModel, gather_index, get_reward, model_inputs
+from minirlhf.losses import INVALID_LOGPROB, first_true_indices, gather_index, truncate_response
+from minirlhf.model import CausalLM, RewardModel, get_reward, model_inputs
 
 
 @torch.no_grad()
@@ -49,12 +49,12 @@ def score_responses(ref_policy: CausalLM, value_model: RewardModel | None, rewar
         query = queries[i : i + args.local_rollout_forward_batch_size]
         query_response = query_responses[i : i + args.local_rollout_forward_batch_size]
         response = query_response[:, context_length:]  # (b, T)
-        # logits from the last query token to the one before the last response token: (b, T, vocab)
-        ref_logits = ref_policy(*model_inputs(query_response, pad_token_id),
-                                logits_to_keep=response.shape[1] + 1)[:, :-1]
-        ref_logits = ref_logits.float() / (args.temperature + 1e-7)  # (b, T, vocab): one chunk at a time
-        out["raw_ref_logprobs"].append(logprobs_from_logits(ref_logits, gather_index(response, pad_token_id)))
-        del ref_logits
+        # log-probs of the response tokens at the temperature, each from the position before it (TRL: the logits
+        # from the last query token to the one before the last response token, / temperature, log-softmax); no
+        # (b, T, vocab) logits are made
+        ref_logprob, _ = ref_policy(*model_inputs(query_response, pad_token_id),
+                                    targets=gather_index(response, pad_token_id), temperature=args.temperature + 1e-7)
+        out["raw_ref_logprobs"].append(ref_logprob)
 
         # Response Processing 1. truncate response after the first occurrence of `stop_token_id`
         postprocessed_response = response

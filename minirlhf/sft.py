@@ -42,7 +42,7 @@ from minirlhf.infra.run import (
     start,
 )
 from minirlhf.infra.tokenizer import Tokenizer
-from minirlhf.losses import completion_loss, entropy_from_logits
+from minirlhf.losses import completion_loss, entropy_from_logits, logprobs_from_logits
 from minirlhf.model import CausalLM
 from minirlhf.optim import set_lr, steps_from
 
@@ -95,10 +95,12 @@ def main(argv: list[str] | None = None) -> None:
             step_loss = 0.0
             for i, b in enumerate(micro_batches):
                 with gradient_sync(train_model, i == len(micro_batches) - 1):  # ranks average in the last backward
-                    with autocast(device, run.precision):
-                        logits = train_model(b["input_ids"].to(device), b["attention_mask"].to(device))
+                    labels = b["labels"].to(device)
+                    with autocast(device, run.precision):  # each next token's log-prob, no (B, T, vocab) logits
+                        logprobs, _ = train_model(b["input_ids"].to(device), b["attention_mask"].to(device),
+                                                  targets=labels[:, 1:].clamp(min=0))  # -100 reads id 0, not counted
                     # DDP/FSDP average over ranks; the world_size factor makes it a mean over all ranks' tokens
-                    loss = completion_loss(logits, b["labels"].to(device), num_items_in_batch) * world
+                    loss = completion_loss(logprobs, labels, num_items_in_batch) * world
                     loss.backward()
                 step_loss += loss.item() / world
             # 3. clip, then step with the scheduled learning rate
@@ -186,8 +188,9 @@ def evaluate(model, eval_dataset: list[dict], args: SFTConfig, run: Run, pad_tok
         counts = torch.stack([(entropy_from_logits(shift_logits) * mask).sum(), correct.sum(), mask.sum()])
         entropy_sum, n_correct, n_tokens = all_reduce(counts * (not spare), "sum").tolist()
         history.append((entropy_sum / n_tokens, n_correct / n_tokens))
-        if not spare:
-            loss_sum += completion_loss(logits, labels) * len(indices)
+        if not spare:  # -100 (no target) reads id 0 there, a position completion_loss leaves out
+            logprobs = logprobs_from_logits(shift_logits, labels[:, 1:].masked_fill(~mask, 0))  # (B, T - 1)
+            loss_sum += completion_loss(logprobs, labels) * len(indices)
     model.train()
     runtime = time.time() - start_time
     return {"eval_loss": (all_reduce(loss_sum, "sum") / len(eval_dataset)).item(), "eval_runtime": runtime,

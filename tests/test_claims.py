@@ -7,7 +7,9 @@ the README's tables with it.
   <= 0.05 at the end;
 - PPO (README, "The offline pipeline"): the SFT policy's gold score starts near the task's 0.3, then the reward
   model's score and the gold score rise together, gold >= 0.95 by update 25, the KL to the SFT policy grows and the
-  policy ratio stays within 0.05 of 1.
+  policy ratio stays within 0.05 of 1;
+- the pipeline run again, command by command, does nothing and exits 0 (the reward model under torchrun, as the
+  README's first command).
 """
 
 import json
@@ -22,13 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def run(trainer: str, *flags: str) -> list[dict]:
-    """`python -m minirlhf.<trainer> configs/<trainer>.toml [flags]` from the repository root; its metrics.jsonl."""
-    result = subprocess.run([sys.executable, "-m", f"minirlhf.{trainer}", f"configs/{trainer}.toml",
-                             "--disable_tqdm=true", *flags], cwd=ROOT, env=ENV, capture_output=True, text=True)
+def run(trainer: str, *flags: str, torchrun: bool = False) -> list[dict]:
+    """`python -m minirlhf.<trainer> configs/<trainer>.toml [flags]` (or under `torchrun`) from the repository root;
+    its metrics.jsonl, and the same command run a second time must say there is nothing to do and exit 0."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun else [
+        sys.executable]
+    cmd = [*launcher, "-m", f"minirlhf.{trainer}", f"configs/{trainer}.toml", "--disable_tqdm=true", *flags]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     output_dir = next(f.split("=", 1)[1] for f in flags if f.startswith("--output_dir="))
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    metrics = (Path(output_dir) / "metrics.jsonl").read_text()
+    again = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-3000:]
+    assert (Path(output_dir) / "metrics.jsonl").read_text() == metrics
+    return [json.loads(line) for line in metrics.splitlines()]
 
 
 @pytest.mark.slow
@@ -36,7 +45,7 @@ def test_the_pipeline_does_what_the_readme_says(tmp_path):
     sft, reward = tmp_path / "sft", tmp_path / "reward"
     run("sft", f"--output_dir={sft}")
 
-    evals = {r["step"]: r for r in run("reward", f"--output_dir={reward}") if "eval_loss" in r}
+    evals = {r["step"]: r for r in run("reward", f"--output_dir={reward}", torchrun=True) if "eval_loss" in r}
     last = evals[max(evals)]
     assert evals[50]["eval_accuracy"] >= 0.9 and last["eval_accuracy"] >= 0.99 and last["eval_loss"] <= 0.05, evals
 

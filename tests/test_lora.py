@@ -172,7 +172,7 @@ def test_sft_step_gradients_match_peft(base):
                 theirs_params[f"{hf}.{part}.default.weight"].copy_(getattr(layer, part).weight)
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(2))
     labels = ids.masked_fill(torch.arange(9) < 4, -100)  # the first 4 tokens are the prompt
-    ours_loss = completion_loss(ours(ids), labels)
+    ours_loss = completion_loss(ours(ids, targets=labels[:, 1:].clamp(min=0))[0], labels)
     theirs_loss = theirs(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(ours_loss, theirs_loss, **TOL)
     ours_loss.backward()

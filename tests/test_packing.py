@@ -1,4 +1,5 @@
-"""Padding-free (packed) forwards equal padded forwards: logits, values, rewards and parameter gradients, fp32.
+"""Padding-free (packed) forwards equal padded forwards: log-probs, entropies, values, rewards and parameter gradients,
+fp32.
 
 The reference is the plain model with the same weights run on the padded batch (itself checked against
 transformers in test_model_parity.py); packing must change which arithmetic is done, never a result.
@@ -73,8 +74,9 @@ SHAPES = {
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rollout_packing_equals_padded(family, shape, tmp_path):
-    """Policy logits and values from the last query token on, pads after each response included (TRL uses the
-    value after the last token, and averages entropy over every position), and the gradients of a loss on them."""
+    """The policy's log-probs of the responses and entropies, and values, from the last query token on, pads after
+    each response included (TRL uses the value after the last token, and averages entropy over every position), and
+    the gradients of a loss on them."""
     query_lengths, response_lengths = SHAPES[shape]
     context_length, response_length = max(query_lengths), max(response_lengths)
     rows = rollout_rows(query_lengths, response_lengths, context_length, response_length)
@@ -85,14 +87,16 @@ def test_rollout_packing_equals_padded(family, shape, tmp_path):
         outputs = {}
         for name, model in zip(("padded", "packed"), load_ours(cls, family, tmp_path), strict=True):
             if cls is CausalLM:
-                out = model(*inputs, logits_to_keep=keep)  # (B, keep, V)
+                out, entropy = model(*inputs, targets=inputs[0][:, context_length:], temperature=0.7,
+                                     with_entropy=True)  # (B, T) each
             else:
-                out = model.token_scores(*inputs, scores_to_keep=keep)  # (B, keep, 1)
+                out, entropy = model.token_scores(*inputs, scores_to_keep=keep), torch.zeros(())  # (B, keep, 1)
             weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
             (out * weights).sum().backward()
-            outputs[name] = (out.detach(), grads(model))
+            outputs[name] = (out.detach(), entropy, grads(model))
         torch.testing.assert_close(outputs["packed"][0], outputs["padded"][0], **TOL)
-        assert_same_grads(outputs["packed"][1], outputs["padded"][1])
+        torch.testing.assert_close(outputs["packed"][1], outputs["padded"][1], **TOL)
+        assert_same_grads(outputs["packed"][2], outputs["padded"][2])
 
 
 def preference_pairs(seed=0):

@@ -56,14 +56,13 @@ def test_completion_loss_matches_trl(toy, tmp_path):
         torch.testing.assert_close(ours_batch[key], theirs_batch[key], rtol=0, atol=0, msg=key)
     assert (ours_batch["labels"] == -100).any() and (ours_batch["labels"] != -100).any()  # prompts are masked
     ours_model = load_pretrained(CausalLM, str(toy / "hf"))
-    logits = ours_model(ours_batch["input_ids"], ours_batch["attention_mask"])
-    torch.testing.assert_close(completion_loss(logits, ours_batch["labels"]), theirs_loss.detach(), rtol=1e-6,
-                               atol=1e-6)
+    labels = ours_batch["labels"]
+    logprobs, _ = ours_model(ours_batch["input_ids"], ours_batch["attention_mask"], targets=labels[:, 1:].clamp(min=0))
+    torch.testing.assert_close(completion_loss(logprobs, labels), theirs_loss.detach(), rtol=1e-6, atol=1e-6)
 
     # divided by the targets of a whole accumulation window instead, as transformers does with num_items_in_batch
     theirs_window = theirs_model(**theirs_batch, num_items_in_batch=torch.tensor(50)).loss
-    torch.testing.assert_close(completion_loss(logits, ours_batch["labels"], 50), theirs_window.detach(),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(completion_loss(logprobs, labels, 50), theirs_window.detach(), rtol=1e-6, atol=1e-6)
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:

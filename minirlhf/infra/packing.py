@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minirlhf.losses import chunked_logprobs
 from minirlhf.model import Block, CausalLM, RewardModel, last_non_pad
 
 
@@ -106,7 +107,7 @@ def shared_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor)
 
 
 def last_columns(attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """(B, T) bool: the last `keep` columns (all when 0), the cells whose outputs logits_to_keep reads."""
+    """(B, T) bool: the last `keep` columns (all when 0), the cells whose outputs are read (scores_to_keep, targets)."""
     T = attention_mask.shape[1]
     return (torch.arange(T, device=attention_mask.device) >= T - (keep or T)).expand(attention_mask.shape)
 
@@ -166,18 +167,24 @@ def packed_last_columns(model: nn.Module, input_ids, attention_mask, position_id
 
 
 class PaddingFreeCausalLM(CausalLM):
-    """CausalLM whose forward computes no pads: the same logits. Sampling (with a KV cache) runs the plain forward."""
+    """CausalLM whose log-probs (forward with targets) compute no pads: the same numbers. Logits (sampling, with a
+    KV cache) come from the plain forward."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
         pack_blocks(self)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0):
-        if cache is not None or attention_mask is None:  # one token at a time, or nothing masked: nothing to skip
-            return super().forward(input_ids, attention_mask, position_ids, cache, logits_to_keep)
-        h, cells = packed_last_columns(self, input_ids, attention_mask, position_ids, logits_to_keep)
-        tokens, cells = cells.unique(return_inverse=True)
-        return self.logits(h[tokens])[cells]  # each distinct token projected once: (B, logits_to_keep, vocab)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0,
+                targets=None, temperature: float = 1.0, with_entropy: bool = False):
+        if targets is None or attention_mask is None:  # logits, or nothing masked: nothing to skip
+            return super().forward(input_ids, attention_mask, position_ids, cache, logits_to_keep, targets,
+                                   temperature, with_entropy)
+        h, cells = packed_last_columns(self, input_ids, attention_mask, position_ids, targets.shape[1] + 1)
+        # each distinct (token, target) pair once: the pads after a response share their token and their target
+        V = self.cfg.vocab_size
+        pairs, cells = (cells[:, :-1] * V + targets).unique(return_inverse=True)
+        logprobs, entropy = chunked_logprobs(h[pairs // V], self.head_weight(), pairs % V, temperature, with_entropy)
+        return logprobs[cells], entropy if entropy is None else entropy[cells]  # (B, K) each
 
 
 class PaddingFreeRewardModel(RewardModel):
