@@ -61,13 +61,15 @@ def exits(capsys, main, argv: list[str], code: int = 2) -> tuple[str, str]:
 
 def test_a_finished_run_run_again(tmp_path, monkeypatch):
     """`python -m minirlhf.reward configs/reward.toml` twice: the second says the run is finished and exits 0 at once,
-    as does --resume_from_checkpoint=true (it used to append a second final record); a changed config is refused
+    as does --resume_from_checkpoint=true (it used to append a second final record) and another disable_tqdm (it
+    used to count as another config); a changed config is refused
     before the model is looked at (a missing model path is not what it reports), naming the keys that changed."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "reward"
     reward.main([*REWARD, f"--output_dir={out}"])
     before = files(out)
-    for extra in ([], ["--resume_from_checkpoint=true"]):
+    # the progress bar shown or not changes nothing the run saved
+    for extra in ([], ["--resume_from_checkpoint=true"], ["--disable_tqdm=false"]):
         again = cli("minirlhf.reward", *REWARD, f"--output_dir={out}", *extra)
         assert again.returncode == 0 and again.stderr == "", again.stderr[-2000:]
         assert again.stdout.splitlines() == [

@@ -195,7 +195,8 @@ def check_writable(output_dir: str) -> None:
 
 
 FINISHED = "# finished: the final model in this folder is this config's"  # config.toml's last line, by save_final
-HOW_STARTED = ("resume_from_checkpoint", "overwrite_output_dir")  # keys that say how a run starts, not what it does
+# keys that say how a run starts or shows its progress, not what it computes or saves
+HOW_STARTED = ("resume_from_checkpoint", "overwrite_output_dir", "disable_tqdm")
 
 
 def final_model(output_dir: str | Path) -> list[str]:
