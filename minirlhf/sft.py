@@ -188,8 +188,8 @@ def evaluate(model, eval_dataset: list[dict], args: SFTConfig, run: Run, pad_tok
         counts = torch.stack([(entropy_from_logits(shift_logits) * mask).sum(), correct.sum(), mask.sum()])
         entropy_sum, n_correct, n_tokens = all_reduce(counts * (not spare), "sum").tolist()
         history.append((entropy_sum / n_tokens, n_correct / n_tokens))
-        if not spare:  # -100 (no target) reads id 0 there, a position completion_loss leaves out
-            logprobs = logprobs_from_logits(shift_logits, labels[:, 1:].masked_fill(~mask, 0))  # (B, T - 1)
+        if not spare:  # -100 reads id 0 (as in training), a position completion_loss leaves out
+            logprobs = logprobs_from_logits(shift_logits, labels[:, 1:].clamp(min=0))  # (B, T - 1)
             loss_sum += completion_loss(logprobs, labels) * len(indices)
     model.train()
     runtime = time.time() - start_time
