@@ -35,36 +35,42 @@ from minirlhf.model import Block, CausalLM, RewardModel, last_non_pad
 class Packing:
     """The N distinct tokens of a (B, T) batch. `src[b, t]`: the token in cell (b, t); `dst[i]`: the flattened cell
     whose attention output token i takes; `kept`: the M tokens whose final outputs are read, and `kept_src[b, t]`:
-    the one of them in cell (b, t) (any of them for a cell nobody reads)."""
+    the one of them in cell (b, t) (any of them for a cell nobody reads). The last layer computes queries for the
+    cells `span` alone ((B, K) flattened cells: K columns of each row, from its first kept cell on), and kept token m
+    takes the output of span cell `kept_in_span[m]`.
+
+    Every gather is an index_select over rows of (cells or tokens, features): its backward adds rows into place
+    (index_add_), where a gather by advanced indexing would scatter element by element (index_put_ with
+    accumulate, ~10x slower on CPU)."""
 
     src: torch.Tensor  # (B, T) int64
     dst: torch.Tensor  # (N,) int64
     kept: torch.Tensor  # (M,) int64, ascending
     kept_src: torch.Tensor  # (B, T) int64, indices into kept
+    span: torch.Tensor  # (B, K) int64, flattened cells
+    kept_in_span: torch.Tensor  # (M,) int64, indices into span.reshape(-1)
 
     def tokens(self, grid: torch.Tensor) -> torch.Tensor:
         """(B, T) per-cell values (ids, positions) -> (1, N) per token."""
         return grid.reshape(-1)[self.dst][None]
 
-    def to_grid(self, t: torch.Tensor) -> torch.Tensor:
-        """(1, heads, N, d) -> (B, heads, T, d): each cell gets its token's query, key or value."""
-        B, T = self.src.shape
-        return t[0][:, self.src.reshape(-1)].view(t.shape[1], B, T, t.shape[-1]).transpose(0, 1)
+    def to_grid(self, t: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """(1, heads, N, d) -> (B, heads, T, d): each cell gets its token's query, key or value (cells: (B, K), only
+        those)."""
+        cells = self.src if cells is None else self.src.reshape(-1)[cells]
+        rows = t[0].transpose(0, 1).index_select(0, cells.reshape(-1))  # (B * T, heads, d)
+        return rows.view(*cells.shape, *rows.shape[1:]).transpose(1, 2)
 
-    def from_grid(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, T, heads, d) attention outputs -> (1, N, heads, d), each token's from its own cell."""
-        return y.reshape(-1, *y.shape[2:])[self.dst][None]
+    def from_grid(self, y: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, heads, d) attention outputs -> (1, len(tokens), heads * d), each token's from its own cell."""
+        return y.reshape(-1, y.shape[2] * y.shape[3]).index_select(0, tokens)[None]
 
-    def kept_queries(self, q, k, v, mask):
-        """Attention of the last layer, for the kept tokens alone: (B, heads, T, d) grids -> each kept token's query
-        (M, heads, 1, d) beside its row's keys and values (M, heads, T, d) and mask row (M, 1, 1, T)."""
-        B, T = self.src.shape
-        rows, cols = self.dst[self.kept] // T, self.dst[self.kept] % T
-        if mask is None:  # causal, nothing masked
-            mask = (torch.arange(T, device=cols.device) <= cols[:, None])[:, None, None]
-        else:
-            mask = mask[rows, :, cols][:, :, None]
-        return q[rows, :, cols][:, :, None], k[rows], v[rows], mask
+    def span_mask(self, mask: torch.Tensor | None, T: int) -> torch.Tensor:
+        """The mask rows (B, 1, K, S) of the span's queries (causal where mask is None: nothing masked)."""
+        rows, cols = self.span // T, self.span % T
+        if mask is None:
+            return (torch.arange(T, device=cols.device) <= cols[..., None])[:, None]
+        return mask[rows, :, cols].transpose(1, 2)
 
 
 def pack(attention_mask: torch.Tensor, used: torch.Tensor | None = None, window: int | None = None,
@@ -93,9 +99,18 @@ def pack(attention_mask: torch.Tensor, used: torch.Tensor | None = None, window:
     src = torch.where(is_token, index, -1).cummax(dim=1).values.clamp(min=0)
     if pair_prefix_lengths is not None:
         src = torch.where(shared, src[: B // 2].repeat(2, 1), src)
+    dst = is_token.reshape(-1).nonzero().squeeze(1)
     kept = src[used].unique()
     kept_src = torch.searchsorted(kept, src).clamp(max=len(kept) - 1)
-    return Packing(src=src, dst=is_token.reshape(-1).nonzero().squeeze(1), kept=kept, kept_src=kept_src)
+    # the last layer's queries: each row's columns from its first kept cell to its last (PPO: the response)
+    rows, cols = dst[kept] // T, dst[kept] % T
+    first = torch.full((B,), T - 1, device=cols.device).scatter_reduce(0, rows, cols, "amin")
+    last = torch.zeros(B, dtype=cols.dtype, device=cols.device).scatter_reduce(0, rows, cols, "amax")
+    K = max(int((last - first).max()) + 1, 1)
+    span_cols = (first[:, None] + torch.arange(K, device=cols.device)).clamp(max=T - 1)  # (B, K)
+    span = torch.arange(B, device=cols.device)[:, None] * T + span_cols
+    return Packing(src=src, dst=dst, kept=kept, kept_src=kept_src, span=span,
+                   kept_in_span=rows * K + cols - first[rows])
 
 
 def shared_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -123,13 +138,17 @@ class PackedBlock(Block):
     def forward(self, x, cos, sin, mask, cache=None, packing: Packing | None = None, last: bool = False):
         if packing is None:
             return super().forward(x, cos, sin, mask, cache)
-        q, k, v = (packing.to_grid(t) for t in self.attn.project(self.attn_norm(x), cos, sin))  # (B, heads, T, d)
-        if last:  # the last layer: queries of the kept tokens only
-            q, k, v, mask = packing.kept_queries(q, k, v, mask)
-        y = self.attn.attend(q, k, v, mask, is_causal=mask is None).transpose(1, 2)  # (B or M, T or 1, heads, d)
-        y = y.reshape(1, -1, *y.shape[2:]) if last else packing.from_grid(y)  # (1, M or N, heads, d)
-        a = self.attn_resid_dropout(self.attn.o_proj(y.flatten(2)))
-        return self.add_mlp(x[:, packing.kept] if last else x, a)
+        q, k, v = self.attn.project(self.attn_norm(x), cos, sin)  # (1, heads, N, d)
+        T = packing.src.shape[1]
+        k, v = packing.to_grid(k), packing.to_grid(v)  # (B, heads, T, d)
+        if last:  # the last layer: queries of the span's cells only, outputs of the kept tokens only
+            q, mask = packing.to_grid(q, packing.span), packing.span_mask(mask, T)  # (B, heads, K, d)
+        else:
+            q = packing.to_grid(q)
+        y = self.attn.attend(q, k, v, mask, is_causal=mask is None).transpose(1, 2)  # (B, T or K, heads, d)
+        y = packing.from_grid(y, packing.kept_in_span if last else packing.dst)  # (1, M or N, heads * d)
+        a = self.attn_resid_dropout(self.attn.o_proj(y))
+        return self.add_mlp(x[0].index_select(0, packing.kept)[None] if last else x, a)
 
 
 def packed_trunk(transformer: nn.Module, input_ids, attention_mask, position_ids, packing: Packing) -> torch.Tensor:
@@ -183,7 +202,8 @@ class PaddingFreeCausalLM(CausalLM):
         # each distinct (token, target) pair once: the pads after a response share their token and their target
         V = self.cfg.vocab_size
         pairs, cells = (cells[:, :-1] * V + targets).unique(return_inverse=True)
-        logprobs, entropy = chunked_logprobs(h[pairs // V], self.head_weight(), pairs % V, temperature, with_entropy)
+        logprobs, entropy = chunked_logprobs(h.index_select(0, pairs // V), self.head_weight(), pairs % V,
+                                             temperature, with_entropy)
         return logprobs[cells], entropy if entropy is None else entropy[cells]  # (B, K) each
 
 
@@ -214,4 +234,4 @@ class PaddingFreeRewardModel(RewardModel):
                        shared_prefix_lengths(input_ids, attention_mask) if share else None)
         h = packed_trunk(self.transformer, input_ids, attention_mask, position_ids, packing)[0]  # (M, hidden)
         rows = torch.arange(len(input_ids), device=input_ids.device)
-        return self.score(h[packing.kept_src[rows, pooled]])  # (B, num_labels)
+        return self.score(h.index_select(0, packing.kept_src[rows, pooled]))  # (B, num_labels)
