@@ -6,15 +6,20 @@
 - `lr_multiplier`: the LambdaLR multipliers of transformers optimization.py ("linear", "cosine", "constant",
   "constant_with_warmup"); `steps_from` is `TrainingArguments.get_warmup_steps`, also used for logging/eval/save steps.
 
-Left out: amsgrad, maximize, closures, foreach/fused kernels (on CPU a per-parameter loop is as fast as foreach),
-and the other transformers schedules. The loops set the learning rate of each step themselves (`set_lr`): the one
-after `step` completed steps, `learning_rate * lr_multiplier(step, ...)`, is the one logged, as in transformers 5.23.
+Left out: amsgrad, maximize, closures, foreach/fused kernels and the other transformers schedules. On CPU, neither
+`torch._foreach_*` nor flat per-group buffers beat this per-parameter loop (benchmarks/bench_adamw.py): the eight
+element-wise passes over every parameter cost the same as 8 large ops or 8 per tensor. torch's fused kernel (one pass)
+is ~3x faster but differs in the last bits from `foreach=False`, the oracle of our bitwise tests.
+
+The loops set the learning rate of each step themselves (`set_lr`): the one after `step` completed steps,
+`learning_rate * lr_multiplier(step, ...)`, is the one logged, as in transformers 5.23.
 """
 
 import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 
@@ -57,6 +62,15 @@ class AdamW(torch.optim.Optimizer):
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"AdamW: betas={betas} must each be in [0, 1)")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._denom = {}  # (dtype, device) -> one scratch buffer, as large as the largest parameter
+
+    def _scratch(self, p: torch.Tensor) -> torch.Tensor:
+        """Room for p's denominator: reused, because a fresh allocation of the larger tensors (the 16 MiB embedding)
+        costs page faults on every step (4-12% of the step on CPU, benchmarks/bench_adamw.py)."""
+        buf = self._denom.get((p.dtype, p.device))
+        if buf is None or buf.numel() < p.numel():
+            buf = self._denom[(p.dtype, p.device)] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+        return buf[: p.numel()].view_as(p)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -81,7 +95,12 @@ class AdamW(torch.optim.Optimizer):
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
                 bias_correction1 = 1.0 - beta1 ** state["step"]  # 3.
                 bias_correction2 = 1.0 - beta2 ** state["step"]
-                denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)  # 4.
+                # 4. `** 0.5` as torch writes it (math.sqrt differs in the double's last bit at some steps)
+                if isinstance(p, DTensor):  # an FSDP shard: the plain scratch buffer can't hold it
+                    denom = exp_avg_sq.sqrt()
+                else:
+                    denom = torch.sqrt(exp_avg_sq, out=self._scratch(p))
+                denom.div_(bias_correction2**0.5).add_(eps)
                 p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
