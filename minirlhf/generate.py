@@ -5,8 +5,9 @@ trl/experimental/utils.py and ppo_trainer.py):
 - attention mask = `queries != pad_token_id`, pad ids replaced by 0 before the forward (so a pad id outside the
   embedding works), position ids `cumsum(mask) - mask` (first real token at 0), as TRL's `forward` uses;
 - logits in fp32, divided by the temperature, then sampled (no top-k or top-p: TRL's PPO samples with neither);
-- a row that has produced `stop_token_id` is finished: its later tokens are `pad_token_id`, and generation stops
-  once every row is finished, so the response length T can be shorter than `max_new_tokens`.
+- a row that has produced `stop_token_id` is finished: its later tokens are `pad_token_id`, its forwards stop (the
+  other rows' tokens and logprobs are bitwise those of a batch that runs it on), and generation stops once every
+  row is finished, so the response length T can be shorter than `max_new_tokens`.
 
 Unlike TRL's `batch_generation`, which keeps the processed logits of every step, (B, T, vocab), and takes log-softmax
 afterwards (its memory grows with the vocabulary, huggingface/trl#1833), the behaviour logprobs are gathered step
@@ -45,7 +46,7 @@ def generate(
 
     Runs in the model's current mode (dropout stays as set). The prompt is prefilled once, then one token per step
     reads the cache. `generator` drives `torch.multinomial` (the global generator when None). Logprobs after a row's
-    stop are those of the token sampled there, not of the pad written instead; PPO masks those positions anyway.
+    stop are those of the token sampled at the row's last logits, not of the pad written instead; PPO masks them.
     """
     if queries.dim() != 2:
         raise ValueError(f"generate: queries must be (batch, context_length), got shape {tuple(queries.shape)}")
@@ -69,20 +70,26 @@ def generate(
     # (B, ctx, vocab) matmul, ~40% of the prefill of a 50M model with a 32k vocabulary.
     logits = model(input_ids, attention_mask[:, :context_length], position_ids, cache, logits_to_keep=1)[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # the rows still computed: the cache holds theirs alone
     responses, logprobs = [], []
     for step in range(max_new_tokens):
-        logits = logits.float() / temperature  # (B, vocab)
-        next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
-        logprobs.append(logits.log_softmax(-1).gather(-1, next_token[:, None]).squeeze(-1))
+        # multinomial draws B x vocab exponentials (Gumbel-max) whatever the probabilities, so sampling every row,
+        # finished ones from their last logits, keeps the generator's stream, and the others' tokens, as before
+        scaled = logits.float() / temperature  # (B, vocab)
+        next_token = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+        logprobs.append(scaled.log_softmax(-1).gather(-1, next_token[:, None]).squeeze(-1))
         responses.append(next_token.masked_fill(finished, pad_token_id))
         if stop_token_id is not None:
             finished |= next_token == stop_token_id
         if finished.all() or step == max_new_tokens - 1:
             break
-        # Finished rows are fed their sampled token rather than the pad id (which may be outside the embedding);
-        # whatever they compute is replaced by padding.
-        logits = model(next_token[:, None], attention_mask[:, : context_length + step + 1], next_position + step,
-                       cache)[:, -1]
+        if finished[rows].any():  # a row has stopped: its keys and values leave the cache, its forwards stop
+            running = ~finished[rows]
+            rows = rows[running]
+            cache.k, cache.v = [k[running] for k in cache.k], [v[running] for v in cache.v]
+        out = model(next_token[rows, None], attention_mask[rows, : context_length + step + 1],
+                    next_position[rows] + step, cache)[:, -1]
+        logits = logits.index_copy(0, rows, out.to(logits.dtype))
 
     return GenerationOutput(
         query_responses=torch.cat([queries, torch.stack(responses, dim=1)], dim=1),

@@ -153,13 +153,41 @@ def chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 def logprobs_and_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
                          with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk of chunked_logprobs: h (n, hidden), weight (V, hidden), targets (n,) -> logprobs (n,), entropy (n,)
-    or None: the projection, then TRL's two formulas."""
-    logits = F.linear(h, weight).float() / temperature  # (n, V), in fp32 as TRL's PPO takes them
-    logprobs = logprobs_from_logits(logits[None], targets[None])[0]
-    if not with_entropy:
-        return logprobs, None
-    with torch.no_grad():  # so checkpoint's recompute in backward stops before it (its early stop)
-        return logprobs, entropy_from_logits(logits)
+    or None: the projection, then TRL's two formulas in one pass over the chunk's logits (LogSoftmaxAtTargets)."""
+    logprobs, entropy = LogSoftmaxAtTargets.apply(F.linear(h, weight), targets, temperature)
+    return logprobs, entropy if with_entropy else None
+
+
+class LogSoftmaxAtTargets(torch.autograd.Function):
+    """(n, V) logits, (n,) targets -> log_softmax(logits / temperature) at the targets, and the entropy of that softmax
+    (a statistic: no gradient), both in fp32 (logprobs_from_logits and entropy_from_logits, the same numbers within
+    rounding). Written out because autograd's version of these formulas makes ~8 (n, V) temporaries, each a pass
+    over memory; this one makes two, and keeps the probabilities for the gradient:
+      z = logits / t - max,  p = exp(z) / sum exp(z),  logprob = z[target] - log sum exp(z),  H = log sum exp(z) - p.z
+      d logprob / d logits = (onehot(target) - p) / t."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        with torch.autocast(logits.device.type, enabled=False):  # all in fp32, whatever the caller's autocast
+            z = logits.float().div(temperature)
+            z.sub_(z.amax(-1, keepdim=True))  # so exp cannot overflow
+            z_target = z.gather(-1, targets[:, None]).squeeze(-1)
+            p = z.exp()
+            total = p.sum(-1)
+            p.div_(total[:, None])
+            logsumexp = total.log()
+            entropy = logsumexp - torch.linalg.vecdot(p, z)
+        ctx.save_for_backward(p, targets)
+        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        ctx.mark_non_differentiable(entropy)
+        return z_target - logsumexp, entropy
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        p, targets = ctx.saved_tensors
+        grad_logits = p.mul_(-grad[:, None])  # p is not needed again: reuse its memory (no double backward)
+        grad_logits.scatter_add_(-1, targets[:, None], grad[:, None])
+        return grad_logits.div_(ctx.temperature).to(ctx.dtype), None, None
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,10 @@ def load_ours(theirs, tmp_path) -> CausalLM:
     return load_pretrained(CausalLM, str(tmp_path / "theirs")).eval()
 
 
-def generate_recording_logits(model: CausalLM, *args, **kwargs):
+def generate_recording_logits(model: CausalLM, queries, pad_id, *args, **kwargs):
     """generate(), and the model's fp32 logits (B, T, vocab) at the last position of each forward: each token was
-    drawn from softmax(logits / temperature)."""
+    drawn from softmax(logits / temperature). A finished row's forwards stop (its logits stay 0 here): forward t
+    computes the rows without a stop among the first t tokens."""
     recorded, forward = [], model.forward
 
     def recording_forward(*forward_args, **forward_kwargs):
@@ -52,10 +53,15 @@ def generate_recording_logits(model: CausalLM, *args, **kwargs):
 
     model.forward = recording_forward  # an instance attribute: nn.Module.__call__ finds it first
     try:
-        out = generate(model, *args, **kwargs)
+        out = generate(model, queries, pad_id, *args, **kwargs)
     finally:
         del model.forward
-    return out, torch.stack(recorded, dim=1)  # one forward per generated token
+    responses = out.query_responses[:, queries.shape[1]:]
+    stopped = (responses == kwargs.get("stop_token_id", -1)).cumsum(1) > 0  # (B, T): at or after the stop
+    full = torch.zeros(len(queries), len(recorded), recorded[0].shape[-1])
+    for t, logits in enumerate(recorded):  # one forward per generated token
+        full[torch.ones(len(queries), dtype=torch.bool) if t == 0 else ~stopped[:, t - 1], t] = logits
+    return out, full
 
 
 def greedy_without_cache(model: CausalLM, queries: torch.Tensor, pad_id: int, steps: int) -> torch.Tensor:
@@ -155,6 +161,8 @@ def test_sampling_reproducible_and_logprobs_match_trl_forward(family, tmp_path):
     theirs_logprobs = selective_log_softmax(theirs_logits / (temperature + 1e-7), in_vocab_responses)
     valid = torch.arange(T)[None] <= first_true_indices(responses == stop_id)[:, None]
     torch.testing.assert_close(ours.logprobs[valid], theirs_logprobs[valid], **TOL)
+    # a finished row's forwards stop; the rows still running compute bitwise what they did beside it
+    assert torch.equal(ours.logprobs[valid], first.logprobs[:, :T][valid])
 
 
 def test_sampling_matches_transformers_draws(tmp_path):
