@@ -72,14 +72,36 @@ def run_child(cmd: list[str], threads: int, log_path: Path, env: dict | None = N
     return result
 
 
-def rss_mib() -> float:
-    """This process's resident memory now."""
+def rss_mib(key: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS), or its peak (VmHWM) since start or the last reset_peak_rss()."""
     with open("/proc/self/status") as f:
-        return int(re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+
+
+def reset_peak_rss() -> float:
+    """Reset this process's peak resident memory (VmHWM) to its resident memory now, through /proc/self/clear_refs;
+    returns that memory. `rss_mib("VmHWM")` minus it, later, is the growth of resident memory in between."""
+    before = rss_mib()
+    Path("/proc/self/clear_refs").write_text("5")
+    return before
+
+
+# the flags that decide bf16 and matmul speed on x86: AVX2 and AVX-512 FMA, native bf16 dot products, AMX tiles
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> str:
+    """Which of CPU_FLAGS /proc/cpuinfo lists, e.g. "avx2 avx512f avx512_bf16, no amx_tile amx_bf16"; "" off Linux."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return ""
+    flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo.read_text(), re.M).group(1).split())
+    present, absent = [f for f in CPU_FLAGS if f in flags], [f for f in CPU_FLAGS if f not in flags]
+    return " ".join(present) + (", no " + " ".join(absent) if absent else "")
 
 
 def machine_line() -> str:
-    """Date, library versions, CPU and load: the line under the command at the top of a report."""
+    """Date, library versions, CPU, its bf16/matmul flags and load: the line under the command atop a report."""
     import transformers
     import trl
 
@@ -87,7 +109,7 @@ def machine_line() -> str:
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC | torch {torch.__version__} | transformers "
             f"{transformers.__version__} | trl {trl.__version__} | {cpu.group(1) if cpu else 'cpu'}, "
-            f"{os.cpu_count()} cores | load average (1/5/15 min) {load}")
+            f"{os.cpu_count()} cores{' | ' + cpu_flags() if cpu_flags() else ''} | load average (1/5/15 min) {load}")
 
 
 def ratio(ours: list[float], theirs: list[float]) -> str:
