@@ -2,17 +2,21 @@
 
 A padded (B, T) batch spends every layer's matmuls on pads, and a preference pair spends them twice on the prompt its
 sides share. `Packing` lists the batch's N distinct tokens, which run as one (1, N) sequence through embeddings,
-projections, MLPs and norms; only attention sees them in the (B, T) grid again, gathered into their cells and masked
-as the padded batch is. So every output equals the padded forward's, position by position, and only the arithmetic on
-pads and repeated prefixes is gone. The last layer runs only for the tokens whose outputs are read (`used`); the
-others' keys and values are all it needs from them. Gathering is autograd's index_select, whose backward sums the
-copies: a shared prompt token gets the gradient of both rows that read it.
+projections, MLPs and norms; only attention sees rows again, one row at a time: each row's tokens ask its own cells
+(keys and values gathered into them, from its first real cell on), masked as the padded batch is. So every output
+equals the padded forward's, position by position, and only the arithmetic on pads and repeated prefixes is gone,
+left padding in attention too. The last layer runs only for the tokens whose outputs are read (`used`); the others'
+keys and values are all it needs from them. Every gather is an index_select over rows of (tokens, features), whose
+backward adds rows into place (index_add_), summing the copies: a shared prompt token gets the gradient of both rows
+that read it. (A gather by advanced indexing would scatter back element by element, index_put_ with accumulate,
+~10x slower on CPU.)
 
 Distinct tokens are every real cell but those repeating another row's prefix, and of padding only the used cells: a
 pad reads token id 0 at the position after the last real token and attends to the real tokens before it and itself,
 so one token stands for a whole run of pads (not under a sliding window shorter than the row, where each pad sees
 its own window). The idea is the "remove padding" of ByteDance's Effective Transformer (2020) and the unpad/pad
-around flash-attention's varlen kernels (Dao et al. 2022); the attention grid keeps it exact on any SDPA backend.
+around flash-attention's varlen kernels (Dao et al. 2022); a loop over rows with the padded batch's masks keeps it
+exact on any SDPA backend.
 
 `PaddingFreeCausalLM` and `PaddingFreeRewardModel` are model.py's two models with forwards that do this: they take
 and return what the plain models do, so the loops never see it (reward.py and PPO load them while padding_free is on,
@@ -33,44 +37,46 @@ from minirlhf.model import Block, CausalLM, RewardModel, last_non_pad
 
 @dataclass
 class Packing:
-    """The N distinct tokens of a (B, T) batch. `src[b, t]`: the token in cell (b, t); `dst[i]`: the flattened cell
-    whose attention output token i takes; `kept`: the M tokens whose final outputs are read, and `kept_src[b, t]`:
-    the one of them in cell (b, t) (any of them for a cell nobody reads). The last layer computes queries for the
-    cells `span` alone ((B, K) flattened cells: K columns of each row, from its first kept cell on), and kept token m
-    takes the output of span cell `kept_in_span[m]`.
-
-    Every gather is an index_select over rows of (cells or tokens, features): its backward adds rows into place
-    (index_add_), where a gather by advanced indexing would scatter element by element (index_put_ with
-    accumulate, ~10x slower on CPU)."""
+    """The N distinct tokens of a (B, T) batch, in row-major order of their cells. `src[b, t]`: the token in cell
+    (b, t); `dst[i]`: the flattened cell whose attention output token i takes; `kept`: the M tokens whose final
+    outputs are read, and `kept_src[b, t]`: the one of them in cell (b, t) (any of them for a cell nobody reads).
+    `rows[b]`: row b's tokens [start, end) and kept tokens [start, end), and the columns [start, end) of its cells that
+    its queries may see (from its first real or used cell to its last token's)."""
 
     src: torch.Tensor  # (B, T) int64
     dst: torch.Tensor  # (N,) int64
     kept: torch.Tensor  # (M,) int64, ascending
     kept_src: torch.Tensor  # (B, T) int64, indices into kept
-    span: torch.Tensor  # (B, K) int64, flattened cells
-    kept_in_span: torch.Tensor  # (M,) int64, indices into span.reshape(-1)
+    rows: list[tuple[int, int, int, int, int, int]]
 
     def tokens(self, grid: torch.Tensor) -> torch.Tensor:
         """(B, T) per-cell values (ids, positions) -> (1, N) per token."""
         return grid.reshape(-1)[self.dst][None]
 
-    def to_grid(self, t: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
-        """(1, heads, N, d) -> (B, heads, T, d): each cell gets its token's query, key or value (cells: (B, K), only
-        those)."""
-        cells = self.src if cells is None else self.src.reshape(-1)[cells]
-        rows = t[0].transpose(0, 1).index_select(0, cells.reshape(-1))  # (B * T, heads, d)
-        return rows.view(*cells.shape, *rows.shape[1:]).transpose(1, 2)
-
-    def from_grid(self, y: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, heads, d) attention outputs -> (1, len(tokens), heads * d), each token's from its own cell."""
-        return y.reshape(-1, y.shape[2] * y.shape[3]).index_select(0, tokens)[None]
-
-    def span_mask(self, mask: torch.Tensor | None, T: int) -> torch.Tensor:
-        """The mask rows (B, 1, K, S) of the span's queries (causal where mask is None: nothing masked)."""
-        rows, cols = self.span // T, self.span % T
-        if mask is None:
-            return (torch.arange(T, device=cols.device) <= cols[..., None])[:, None]
-        return mask[rows, :, cols].transpose(1, 2)
+    def attention(self, attn: nn.Module, q, k, v, mask, last: bool) -> torch.Tensor:
+        """Attention row by row: each row's queries (its tokens) over its own cells from its first real one (no left
+        padding), masked as in the padded batch: (1, heads, N, d) queries, keys, values -> outputs
+        (1, N, heads * d), or (1, M, heads * d) for the kept tokens' queries where `last`."""
+        B, T = self.src.shape
+        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # (N, heads, d): rows of tokens, for index_select
+        if last:
+            q = q.index_select(0, self.kept)
+        outputs = []
+        for b, (start, end, kept_start, kept_end, first, stop) in enumerate(self.rows):
+            queries = self.kept[kept_start:kept_end] if last else torch.arange(start, end, device=q.device)
+            if len(queries) == 0:
+                continue
+            q_cols = self.dst[queries] % T
+            keys = self.src[b, first:stop]  # the token in each visible cell
+            if mask is None:  # causal, nothing masked
+                row_mask = torch.arange(first, stop, device=q.device) <= q_cols[:, None]
+            else:
+                row_mask = mask[b, 0, q_cols, first:stop]
+            y = attn.attend(*(t.transpose(0, 1)[None] for t in (
+                q[kept_start:kept_end] if last else q[start:end], k.index_select(0, keys), v.index_select(0, keys))),
+                row_mask[None, None], is_causal=False)  # (1, heads, queries, d)
+            outputs.append(y[0].transpose(0, 1).flatten(1))
+        return torch.cat(outputs)[None]
 
 
 def pack(attention_mask: torch.Tensor, used: torch.Tensor | None = None, window: int | None = None,
@@ -102,15 +108,15 @@ def pack(attention_mask: torch.Tensor, used: torch.Tensor | None = None, window:
     dst = is_token.reshape(-1).nonzero().squeeze(1)
     kept = src[used].unique()
     kept_src = torch.searchsorted(kept, src).clamp(max=len(kept) - 1)
-    # the last layer's queries: each row's columns from its first kept cell to its last (PPO: the response)
-    rows, cols = dst[kept] // T, dst[kept] % T
-    first = torch.full((B,), T - 1, device=cols.device).scatter_reduce(0, rows, cols, "amin")
-    last = torch.zeros(B, dtype=cols.dtype, device=cols.device).scatter_reduce(0, rows, cols, "amax")
-    K = max(int((last - first).max()) + 1, 1)
-    span_cols = (first[:, None] + torch.arange(K, device=cols.device)).clamp(max=T - 1)  # (B, K)
-    span = torch.arange(B, device=cols.device)[:, None] * T + span_cols
-    return Packing(src=src, dst=dst, kept=kept, kept_src=kept_src, span=span,
-                   kept_in_span=rows * K + cols - first[rows])
+    # per row: its tokens and kept tokens (ranges: both lists are in row-major order), and the cells its queries may
+    # see, from its first real or used cell (none before it: left padding) to its last token's
+    token_ends = torch.bincount(dst // T, minlength=B).cumsum(0).tolist()
+    kept_ends = torch.bincount(dst[kept] // T, minlength=B).cumsum(0).tolist()
+    first = torch.where(real | used, torch.arange(T, device=real.device), T).amin(1).tolist()
+    stop = torch.zeros(B, dtype=torch.long, device=real.device).scatter_reduce(0, dst // T, dst % T + 1, "amax")
+    ranges = zip([0, *token_ends[:-1]], token_ends, [0, *kept_ends[:-1]], kept_ends, first, stop.tolist(), strict=True)
+    rows = [(start, end, kept_start, kept_end, f, max(f, s)) for start, end, kept_start, kept_end, f, s in ranges]
+    return Packing(src=src, dst=dst, kept=kept, kept_src=kept_src, rows=rows)
 
 
 def shared_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -139,14 +145,7 @@ class PackedBlock(Block):
         if packing is None:
             return super().forward(x, cos, sin, mask, cache)
         q, k, v = self.attn.project(self.attn_norm(x), cos, sin)  # (1, heads, N, d)
-        T = packing.src.shape[1]
-        k, v = packing.to_grid(k), packing.to_grid(v)  # (B, heads, T, d)
-        if last:  # the last layer: queries of the span's cells only, outputs of the kept tokens only
-            q, mask = packing.to_grid(q, packing.span), packing.span_mask(mask, T)  # (B, heads, K, d)
-        else:
-            q = packing.to_grid(q)
-        y = self.attn.attend(q, k, v, mask, is_causal=mask is None).transpose(1, 2)  # (B, T or K, heads, d)
-        y = packing.from_grid(y, packing.kept_in_span if last else packing.dst)  # (1, M or N, heads * d)
+        y = packing.attention(self.attn, q, k, v, mask, last)  # (1, M or N, heads * d)
         a = self.attn_resid_dropout(self.attn.o_proj(y))
         return self.add_mlp(x[0].index_select(0, packing.kept)[None] if last else x, a)
 
