@@ -256,7 +256,8 @@ def cpu_flags() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=csv(), default=list(DATASETS), help="toy, spread or both (default)")
+    parser.add_argument("--dataset", type=csv(), default=["toy", "spread"],
+                        help=f"of {', '.join(DATASETS)} (default toy,spread)")
     parser.add_argument("--sides", type=csv(), default=list(SIDES), help=f"of {', '.join(SIDES)} (default all)")
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)  # run_child passes it
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "FOLDER", "DATASET"), help=argparse.SUPPRESS)

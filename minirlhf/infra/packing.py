@@ -53,29 +53,39 @@ class Packing:
         """(B, T) per-cell values (ids, positions) -> (1, N) per token."""
         return grid.reshape(-1)[self.dst][None]
 
-    def attention(self, attn: nn.Module, q, k, v, mask, last: bool) -> torch.Tensor:
-        """Attention row by row: each row's queries (its tokens) over its own cells from its first real one (no left
-        padding), masked as in the padded batch: (1, heads, N, d) queries, keys, values -> outputs
-        (1, N, heads * d), or (1, M, heads * d) for the kept tokens' queries where `last`."""
-        B, T = self.src.shape
-        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # (N, heads, d): rows of tokens, for index_select
-        if last:
-            q = q.index_select(0, self.kept)
-        outputs = []
+    def row_attention_inputs(self, mask: torch.Tensor | None, last: bool) -> tuple:
+        """What attention needs per row, the same in every layer (so made once per forward and window): how many
+        queries each row has (its tokens, or where `last` its kept tokens, in order), the token in each cell its
+        queries may see (all rows' cells in one tensor) and how many those are, and the rows' masks (1, 1, queries,
+        cells) from the padded batch's (None: plain causal)."""
+        T = self.src.shape[1]
+        query_counts, keys, key_counts, masks = [], [], [], []
         for b, (start, end, kept_start, kept_end, first, stop) in enumerate(self.rows):
-            queries = self.kept[kept_start:kept_end] if last else torch.arange(start, end, device=q.device)
-            if len(queries) == 0:
-                continue
+            queries = self.kept[kept_start:kept_end] if last else torch.arange(start, end, device=self.src.device)
             q_cols = self.dst[queries] % T
-            keys = self.src[b, first:stop]  # the token in each visible cell
-            if mask is None:  # causal, nothing masked
-                row_mask = torch.arange(first, stop, device=q.device) <= q_cols[:, None]
+            if mask is None:
+                row_mask = torch.arange(first, stop, device=q_cols.device) <= q_cols[:, None]
             else:
                 row_mask = mask[b, 0, q_cols, first:stop]
-            y = attn.attend(*(t.transpose(0, 1)[None] for t in (
-                q[kept_start:kept_end] if last else q[start:end], k.index_select(0, keys), v.index_select(0, keys))),
-                row_mask[None, None], is_causal=False)  # (1, heads, queries, d)
-            outputs.append(y[0].transpose(0, 1).flatten(1))
+            query_counts.append(len(queries))
+            keys.append(self.src[b, first:stop])
+            key_counts.append(stop - first)
+            masks.append(row_mask[None, None])
+        return query_counts, torch.cat(keys), key_counts, masks
+
+    def attention(self, attn: nn.Module, q, k, v, rows: tuple, last: bool) -> torch.Tensor:
+        """Attention row by row: each row's queries (its tokens) over its own cells from its first real one (no left
+        padding), masked as in the padded batch (`rows`: row_attention_inputs): (1, heads, N, d) queries, keys,
+        values -> outputs (1, N, heads * d), or (1, M, heads * d) for the kept tokens' queries where `last`. One
+        gather and one split each (whose backward is one cat), not one per row: a per-row slice's backward would
+        make a zero tensor of all N tokens for every row."""
+        query_counts, keys, key_counts, masks = rows
+        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # (N, heads, d): rows of tokens, for index_select
+        q = (q.index_select(0, self.kept) if last else q).split(query_counts)
+        k, v = (t.index_select(0, keys).split(key_counts) for t in (k, v))
+        outputs = [attn.attend(q_b.transpose(0, 1)[None], k_b.transpose(0, 1)[None], v_b.transpose(0, 1)[None],
+                               mask_b, is_causal=False)[0].transpose(0, 1).flatten(1)  # (queries, heads * d)
+                   for q_b, k_b, v_b, mask_b in zip(q, k, v, masks, strict=True) if len(q_b)]
         return torch.cat(outputs)[None]
 
 
@@ -138,8 +148,9 @@ def last_columns(attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 class PackedBlock(Block):
-    """model.Block whose forward also runs packed: x (1, N, hidden) holds the batch's distinct tokens, and attention
-    sees them in the (B, T) grid; in the `last` layer only the kept tokens' queries and outputs are computed."""
+    """model.Block whose forward also runs packed: x (1, N, hidden) holds the batch's distinct tokens, attention sees
+    them row by row (`mask` is then Packing.row_attention_inputs'), and in the `last` layer only the kept tokens'
+    queries and outputs are computed."""
 
     def forward(self, x, cos, sin, mask, cache=None, packing: Packing | None = None, last: bool = False):
         if packing is None:
@@ -158,12 +169,15 @@ def packed_trunk(transformer: nn.Module, input_ids, attention_mask, position_ids
         position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
     masks = transformer.attention_masks(attention_mask, B, T)  # the padded batch's, on the grid
     x, cos, sin = transformer.embed_tokens(packing.tokens(input_ids), packing.tokens(position_ids))  # (1, N, hidden)
+    rows = {}  # each window's per-row attention inputs, made once for all the layers (and once more for the last)
     for i, (block, window) in enumerate(zip(transformer.blocks, transformer.cfg.sliding_windows, strict=True)):
         last = i == len(transformer.blocks) - 1
+        if (window, last) not in rows:
+            rows[window, last] = packing.row_attention_inputs(masks[window], last)
         if transformer.gradient_checkpointing and transformer.training and torch.is_grad_enabled():
-            x = checkpoint(block, x, cos, sin, masks[window], None, packing, last, use_reentrant=False)
+            x = checkpoint(block, x, cos, sin, rows[window, last], None, packing, last, use_reentrant=False)
         else:
-            x = block(x, cos, sin, masks[window], None, packing, last)
+            x = block(x, cos, sin, rows[window, last], None, packing, last)
     return transformer.final_norm(x)
 
 
