@@ -1,8 +1,9 @@
 """Where a PPO update's time goes: torch.profiler over one update of bench_ppo.py's runs (issue 19, item 1).
 
 Each side (minirlhf padding-free, minirlhf padded, TRL 1.12's PPOTrainer) runs bench_ppo's own setup (its run_ours /
-run_trl, the same models, prompts, seeds and settings) for two updates in its own subprocess at one thread; the second
-update runs under torch.profiler (record_shapes, with_flops). Phases are marked with record_function ranges put in by
+run_trl, the same models, prompts, seeds and settings) for three updates in its own subprocess at one thread: the
+second runs under torch.profiler (record_shapes, with_flops), and the third, unprofiled, gives each phase's wall time
+(the profiler slows small ops, so its seconds run above these). Phases are marked with record_function ranges put in by
 monkeypatching: sampling (minirlhf.rollout.sample_responses; TRL's batch_generation), scoring (score_responses; TRL's
 no-grad `forward`, `get_reward` and `selective_log_softmax` calls) and the PPO epochs (minirlhf.ppo.ppo_update; TRL:
 from its first grad-enabled `forward` to the `empty_cache` after its last minibatch). Every op's self CPU time goes to
@@ -53,40 +54,57 @@ FUSED_ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_
 
 
 class Profiled:
-    """The profiler over one update, and the phase ranges opened and closed from the monkeypatches."""
+    """The profiler over the second update, wall-clock timers over the third (no profiler: its overhead is not in
+    them), and the phase ranges opened and closed from the monkeypatches."""
 
     def __init__(self):
         self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
                                            with_flops=True)
-        self.on, self.updates, self.open, self.episodes = False, 0, {}, []
+        self.on, self.timing, self.updates, self.open, self.episodes = False, False, 0, {}, []
+        self.wall, self.wall_episodes = collections.Counter(), []
 
     def start_update(self):
         self.updates += 1
-        if self.updates == 2:
+        self.on, self.timing = self.updates == 2, self.updates == 3
+        if self.on:
             self.prof.start()
-            self.on, self.start = True, time.perf_counter()
+        self.start = time.perf_counter()
 
     def begin(self, phase: str):
-        if self.on and phase not in self.open:
-            self.open[phase] = torch.profiler.record_function(f"phase:{phase}")
-            self.open[phase].__enter__()
+        if (self.on or self.timing) and phase not in self.open:
+            self.open[phase] = (torch.profiler.record_function(f"phase:{phase}") if self.on else None,
+                                time.perf_counter())
+            if self.on:
+                self.open[phase][0].__enter__()
 
     def end(self, phase: str):
         if phase in self.open:
-            self.open.pop(phase).__exit__(None, None, None)
+            ranged, start = self.open.pop(phase)
+            if ranged is not None:
+                ranged.__exit__(None, None, None)
+            else:
+                self.wall[phase] += time.perf_counter() - start
 
     def stop(self):
+        for phase in list(self.open):
+            self.end(phase)
         if self.on:
-            for phase in list(self.open):
-                self.end(phase)
             self.seconds = time.perf_counter() - self.start
             self.prof.stop()
-            self.on = False
+        elif self.timing:
+            self.wall["whole update"] = time.perf_counter() - self.start
+        self.on = self.timing = False
+
+    def record(self, episodes):
+        if self.on:
+            self.episodes = episodes
+        elif self.timing:
+            self.wall_episodes = episodes
 
     def wrap(self, fn, phase: str, grad: bool | None = None):
-        """fn inside a `phase` range while profiling (and, unless grad is None, while grad mode is `grad`)."""
+        """fn inside a `phase` range while profiling or timing (and, unless grad is None, while grad mode is `grad`)."""
         def wrapped(*args, **kwargs):
-            if not self.on or phase in self.open or grad not in (None, torch.is_grad_enabled()):
+            if not (self.on or self.timing) or phase in self.open or grad not in (None, torch.is_grad_enabled()):
                 return fn(*args, **kwargs)
             self.begin(phase)
             try:
@@ -104,8 +122,7 @@ def profile_ours(folder: Path, spec: dict, padded: bool) -> Profiled:
     def sample_responses(policy, queries, args, pad, stop_token_id):
         p.start_update()
         out = p.wrap(sample, "sampling")(policy, queries, args, pad, stop_token_id)
-        if p.on:
-            p.episodes = episode_lengths(queries, out[0], pad, spec["stop"])
+        p.record(episode_lengths(queries, out[0], pad, spec["stop"]))
         return out
 
     def ppo_update(*args, **kwargs):
@@ -131,8 +148,7 @@ def profile_trl(folder: Path, spec: dict, output_dir: str) -> Profiled:
     def batch_generation(model, queries, *args, **kwargs):
         p.start_update()
         out = p.wrap(generation, "sampling")(model, queries, *args, **kwargs)
-        if p.on:
-            p.episodes = episode_lengths(queries, out[0], pad, spec["stop"])
+        p.record(episode_lengths(queries, out[0], pad, spec["stop"]))
         return out
 
     def train_forward(*args, **kwargs):  # no grad: the reference's forward; with grad: the PPO epochs begin
@@ -194,7 +210,7 @@ def executed_flops(ev) -> float:
 
 
 def child(side: str, folder: Path, dataset: str) -> None:
-    spec, peaks = {**DATASETS[dataset], "updates": 2}, [matmul_peak(1, torch.float32)]
+    spec, peaks = {**DATASETS[dataset], "updates": 3}, [matmul_peak(1, torch.float32)]
     with tempfile.TemporaryDirectory() as output_dir:
         p = (profile_trl(folder / dataset, spec, output_dir) if side == "trl" else
              profile_ours(folder / dataset, spec, padded=side == "ours-padded"))
@@ -213,7 +229,8 @@ def child(side: str, folder: Path, dataset: str) -> None:
                 ops["PPO epochs, outside matmuls"][ev.name] += ev.self_cpu_time_total / 1e6
     peaks.append(matmul_peak(1, torch.float32))
     print(json.dumps({"peaks": peaks, "seconds": seconds, "flops": flops, "whole": p.seconds, "episodes": p.episodes,
-                      "top": {row: c.most_common(5) for row, c in ops.items()}}))
+                      "top": {row: c.most_common(5) for row, c in ops.items()}, "wall": p.wall,
+                      "wall_episodes": p.wall_episodes}))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -248,6 +265,13 @@ def report(run: dict, trunk: int, peak: float) -> dict:
             for row in ROWS}
 
 
+def unprofiled(run: dict, row: str, trunk: int, peak: float) -> list[str]:
+    """The third update's wall time of a phase, and its useful FLOP/s of the peak."""
+    seconds = run["wall"]["ppo" if row == "PPO epochs" else row]
+    useful = useful_flops(run["wall_episodes"], trunk)[row]
+    return [f"{seconds:.2f}", f"{100 * useful / seconds / peak:.0f}%"]
+
+
 def cpu_flags() -> str:
     flags = set(Path("/proc/cpuinfo").read_text().split())
     return "CPU flags: " + ", ".join(f"{f} {'yes' if f in flags else 'no'}"
@@ -273,7 +297,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for dataset in args.dataset:
-            info = build(folder, dataset, 2 * BATCH)
+            info = build(folder, dataset, 3 * BATCH)
             peaks = [matmul_peak(1, torch.float32)]
             runs = {side: run_child([__file__, "--child", side, str(folder), dataset], 1, folder / "child.log")
                     for side in SIDES if side in args.sides}
@@ -289,6 +313,10 @@ def main() -> None:
                   "columns per side: seconds, useful GFLOP, executed GFLOP, useful GFLOP/s of peak\n")
             header = ["phase"] + [f"{SIDES[s]} {c}" for s in runs for c in ("s", "useful GF", "exec GF", "of peak")]
             print(table(header, [[row] + [x for s in runs for x in reports[s][row]] for row in ROWS]) + "\n")
+            rows = [[row] + [x for run in runs.values() for x in unprofiled(run, row, info['trunk'], max(peaks))]
+                    for row in ("sampling", "scoring", "PPO epochs", "whole update")]
+            print("The third update, unprofiled (wall clock; its own episodes): seconds and useful GFLOP/s of peak\n")
+            print(table(["phase"] + [f"{SIDES[s]} {c}" for s in runs for c in ("s", "of peak")], rows) + "\n")
             for side, run in runs.items():
                 for row in ("PPO epochs, outside matmuls", "PPO: attention", "PPO: other"):
                     top = ", ".join(f"{name} {1000 * s:.0f}" for name, s in run["top"].get(row, []))
