@@ -63,16 +63,14 @@ median with the range in brackets.
 The machine line under the command names the CPU's flags that set fp32 and bf16 matmul speed (avx2, avx512f,
 avx512_bf16, amx_tile, amx_bf16: present, then absent).
 
-Usage (2-core machine; toy and spread wall times estimated from --quick runs on an idle machine, as the sides stood
-2026-12-02; qwen-vocab measured 2026-12-06 at load average ~3):
-    python benchmarks/bench_ppo.py                                # toy and spread at 1 and 2 threads, 3 repeats,
-                                                                  # ~20 min; then qwen-vocab, 1 thread, 1 repeat,
-                                                                  # ~4.5 min (~1.5 min a run): ~25 min in all
+Usage (2-core machine; the default run measured at 14 min 24 s on 2026-12-06, load average ~1):
+    python benchmarks/bench_ppo.py                                # toy and spread at 1 and 2 threads, 3 repeats;
+                                                                  # then qwen-vocab, 1 thread, 1 repeat (~3.5 min)
     python benchmarks/bench_ppo.py --dataset qwen-vocab           # minirlhf's and TRL's memory under a
-                                                                  # 151,936-token vocabulary: ~4.5 min
+                                                                  # 151,936-token vocabulary
     python benchmarks/bench_ppo.py --dataset toy --threads 1 --sides all
-    python benchmarks/bench_ppo.py --quick                        # 1 repeat, 1 thread, 2 updates, checks that
-                                                                  # it runs: ~2.5 min, ~7 min with qwen-vocab
+    python benchmarks/bench_ppo.py --quick                        # 1 repeat, 1 thread, 2 updates: checks that
+                                                                  # it runs
 """
 
 import argparse
