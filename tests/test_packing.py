@@ -11,6 +11,7 @@ from tiny import FAMILIES, VOCAB, hf_model
 
 from minirlhf import CausalLM, RewardModel
 from minirlhf.data import collate_preference
+from minirlhf.infra import packing as packing_module
 from minirlhf.infra.hf import load_pretrained
 from minirlhf.infra.packing import (
     PaddingFreeCausalLM,
@@ -24,6 +25,12 @@ from minirlhf.model import last_non_pad, model_inputs
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 PAD = 0
+
+
+@pytest.fixture(autouse=True)
+def always_pack(monkeypatch):
+    """These tests compare the packed forward with the padded one, so they pack whatever the padding."""
+    monkeypatch.setattr(packing_module, "PACK_WHEN_SAVING", 0.0)
 
 
 def load_ours(cls, family, tmp_path, **overrides):
@@ -160,3 +167,20 @@ def test_pack_layout_by_hand():
     assert packing.kept.tolist() == [1, 2, 3, 6, 7, 8, 9]  # the last layer skips the first query tokens
     shared = pack(torch.ones(2, 4, dtype=torch.long), pair_prefix_lengths=torch.tensor([3]))
     assert shared.src.tolist() == [[0, 1, 2, 3], [0, 1, 2, 4]]
+
+
+def test_little_padding_runs_the_plain_forward(tmp_path, monkeypatch):
+    """Where packing would skip less than PACK_WHEN_SAVING of the cells, the twins run the plain forward (the
+    gathers and the row-by-row attention would cost more than they save); with much padding they pack."""
+    monkeypatch.setattr(packing_module, "PACK_WHEN_SAVING", 0.1)
+    plain, packed = load_ours(CausalLM, "llama", tmp_path)
+    calls = []
+    trunk = packing_module.packed_trunk
+    monkeypatch.setattr(packing_module, "packed_trunk", lambda *args: calls.append(1) or trunk(*args))
+    for query_lengths, expect_packed in (([6, 6, 6, 5], False), ([6, 1, 1, 2], True)):
+        rows = rollout_rows(query_lengths, [4, 4, 4, 4], context_length=6, response_length=4)
+        inputs, targets = model_inputs(rows, PAD), rows[:, 6:]
+        calls.clear()
+        ours = packed(*inputs, targets=targets)[0]
+        assert bool(calls) == expect_packed
+        torch.testing.assert_close(ours, plain(*inputs, targets=targets)[0], **TOL)
