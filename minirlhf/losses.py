@@ -131,7 +131,7 @@ def chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     """Log-probabilities of `targets` under softmax(h weight^T / temperature), and with_entropy the entropies of that
     softmax, never holding more than one chunk of the logits: h (..., hidden) final hidden states, weight (V, hidden)
     the lm_head, targets (...) ids -> logprobs (...), entropy (...) or None. The entropy is a statistic without
-    gradient (TRL takes its entropy under no_grad); it costs a softmax more per chunk, so only PPO's update asks.
+    gradient (TRL takes its entropy under no_grad), taken from the same probabilities (LogSoftmaxAtTargets).
 
     The numbers of logprobs_from_logits and entropy_from_logits on the whole (..., V) logits
     F.linear(h, weight).float() / temperature, as TRL's PPO computes them, but made LOGITS_PER_CHUNK / V tokens at a

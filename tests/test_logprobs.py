@@ -11,15 +11,13 @@ backward included, checks that no tensor holds more than one chunk's logits.
 
 import functools
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import rollout_rows, run_two_ranks
 from tiny import FAMILIES, VOCAB, hf_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -132,15 +130,6 @@ def test_bf16_autocast_takes_the_same_bf16_logits():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Through the models: PPO batches with pads (plain and padding-free), SFT's loss
-
-
-def rollout_rows(query_lengths, response_lengths, context_length, response_length, seed=0):
-    """PPO's layout: left-padded queries, then responses that end early are padded on the right."""
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.full((len(query_lengths), context_length + response_length), PAD)
-    for b, (q, r) in enumerate(zip(query_lengths, response_lengths, strict=True)):
-        rows[b, context_length - q : context_length + r] = torch.randint(3, VOCAB, (q + r,), generator=g)
-    return rows
 
 
 @pytest.fixture
@@ -312,17 +301,7 @@ def test_two_ranks_recompute_chunks_like_one_process(folder, tmp_path, monkeypat
     torch.save(data, tmp_path / "batch.pt")
     for name in ("llama", "reward"):
         os.symlink(folder / name, tmp_path / name)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_two_rank_worker, args=(2, port, str(tmp_path), fsdp), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.time() + 60
-    while not context.join(timeout=1):
-        if time.time() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the workers did not finish within 60 s")
+    run_two_ranks(_two_rank_worker, str(tmp_path), fsdp)
     ranks = torch.load(tmp_path / "grads.pt")
 
     monkeypatch.setattr(losses, "LOGITS_PER_CHUNK", 3 * VOCAB)

@@ -7,6 +7,7 @@ transformers in test_model_parity.py); packing must change which arithmetic is d
 
 import pytest
 import torch
+from helpers import rollout_rows
 from tiny import FAMILIES, VOCAB, hf_model
 
 from minirlhf import CausalLM, RewardModel
@@ -47,15 +48,6 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
-
-
-def rollout_rows(query_lengths, response_lengths, context_length, response_length, seed=0):
-    """PPO's layout: left-padded queries, then responses that end early are padded on the right."""
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.full((len(query_lengths), context_length + response_length), PAD)
-    for b, (q, r) in enumerate(zip(query_lengths, response_lengths, strict=True)):
-        rows[b, context_length - q : context_length + r] = torch.randint(3, VOCAB, (q + r,), generator=g)
-    return rows
 
 
 def grads(model):

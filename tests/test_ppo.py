@@ -19,17 +19,15 @@ transformers and trl are imported inside the tests that use them, so the DDP wor
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import run_two_ranks
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -608,19 +606,6 @@ def _gathered_generation_worker(rank: int, world_size: int, port: int, folder: s
     torch.save({"equal": torch.equal(ours.query_responses, reference.query_responses),
                 "sharded_grad": isinstance(sharded.lm_head.weight.grad, DTensor)}, Path(folder) / f"gen{rank}.pt")
     cleanup_distributed()
-
-
-def run_two_ranks(worker, *args) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(worker, args=(2, port, *args), nprocs=2, join=False, start_method="spawn")
-    deadline = time.time() + 60
-    while not context.join(timeout=1):
-        if time.time() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the workers did not finish within 60 s")
 
 
 @pytest.mark.slow

@@ -197,6 +197,7 @@ more than they save: bench_ppo's toy set (8% padding) ran at 0.92x of the padded
 
 
 def pays(packing: Packing, cells: int) -> bool:
+    """Whether packing skips at least PACK_WHEN_SAVING of the `cells` of the padded batch."""
     return len(packing.dst) <= (1 - PACK_WHEN_SAVING) * cells
 
 
@@ -220,9 +221,10 @@ class PaddingFreeCausalLM(CausalLM):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0,
                 targets=None, temperature: float = 1.0, with_entropy: bool = False):
-        packed = None if targets is None or attention_mask is None else packed_last_columns(  # logits: nothing to skip
-            self, input_ids, attention_mask, position_ids, targets.shape[1] + 1)
-        if packed is None:
+        packed = None  # logits (sampling, with a cache), or nothing masked: nothing to skip
+        if targets is not None and attention_mask is not None:
+            packed = packed_last_columns(self, input_ids, attention_mask, position_ids, targets.shape[1] + 1)
+        if packed is None:  # (or too little padding to pay)
             return super().forward(input_ids, attention_mask, position_ids, cache, logits_to_keep, targets,
                                    temperature, with_entropy)
         h, cells = packed
@@ -246,9 +248,10 @@ class PaddingFreeRewardModel(RewardModel):
         pack_blocks(self)
 
     def token_scores(self, input_ids, attention_mask=None, position_ids=None, scores_to_keep: int = 0):
-        packed = None if attention_mask is None else packed_last_columns(self, input_ids, attention_mask,
-                                                                          position_ids, scores_to_keep)
-        if packed is None:
+        packed = None
+        if attention_mask is not None:
+            packed = packed_last_columns(self, input_ids, attention_mask, position_ids, scores_to_keep)
+        if packed is None:  # nothing masked, or too little padding to pay
             return super().token_scores(input_ids, attention_mask, position_ids, scores_to_keep)
         h, cells = packed
         return self.score(h)[cells]  # (B, scores_to_keep, num_labels)
