@@ -19,7 +19,6 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 
@@ -37,7 +36,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-class AdamW(torch.optim.Optimizer):
+class AdamW:
     """AdamW with torch's conventions; state per parameter: `step` (int), `exp_avg`, `exp_avg_sq`.
 
     One step, for a parameter p with gradient g (parameters without a gradient are skipped):
@@ -47,11 +46,15 @@ class AdamW(torch.optim.Optimizer):
       4. p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
     eps is added after the bias correction (Kingma & Ba Alg. 1, torch), not to the raw sqrt(v) as in the paper's
     "more efficient" form (TensorFlow's epsilon-hat); the two differ early in training.
+
+    The interface and the checkpoint layout are torch.optim.Optimizer's (`param_groups`, `state`, `zero_grad`,
+    `state_dict`, `load_state_dict`), but not the class: its methods import torch._dynamo, ~70 MB of resident memory
+    and a second of start-up, for hooks this loop never uses.
     """
 
     def __init__(
         self,
-        params,
+        groups: list[dict],
         lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -61,7 +64,9 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: lr={lr}, eps={eps}, weight_decay={weight_decay} must all be >= 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"AdamW: betas={betas} must each be in [0, 1)")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.param_groups = [{**defaults, **group} for group in groups]  # param_groups(): a group's own keys win
+        self.state = {}  # parameter -> its state, from its first step on
         self._denom = {}  # (dtype, device) -> one scratch buffer, as large as the largest parameter
 
     def _scratch(self, p: torch.Tensor) -> torch.Tensor:
@@ -81,11 +86,9 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 grad = p.grad
+                if p not in self.state:
+                    self.state[p] = {"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
 
@@ -96,15 +99,46 @@ class AdamW(torch.optim.Optimizer):
                 bias_correction1 = 1.0 - beta1 ** state["step"]  # 3.
                 bias_correction2 = 1.0 - beta2 ** state["step"]
                 # 4. `** 0.5` as torch writes it (math.sqrt differs in the double's last bit at some steps)
-                if isinstance(p, DTensor):  # an FSDP shard: the plain scratch buffer can't hold it
-                    denom = exp_avg_sq.sqrt()
-                else:
+                if type(exp_avg_sq) is torch.Tensor:
                     denom = torch.sqrt(exp_avg_sq, out=self._scratch(p))
+                else:  # an FSDP shard (a DTensor): the plain scratch buffer can't hold it
+                    denom = exp_avg_sq.sqrt()
                 denom.div_(bias_correction2**0.5).add_(eps)
                 p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
+    def zero_grad(self) -> None:
+        """Drop the gradients (torch's set_to_none): the next backward allocates them afresh."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    def state_dict(self) -> dict:
+        """torch.optim.Optimizer's layout: parameters numbered across the groups in order; the state's tensors are
+        not copied."""
+        number = {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        return {"state": {number[p]: dict(state) for p, state in self.state.items()},
+                "param_groups": [{**group, "params": [number[p] for p in group["params"]]}
+                                 for group in self.param_groups]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a state_dict() of an optimizer over parameters of the same shapes, in the same groups; each moment
+        moves to its parameter's device and dtype."""
+        saved_groups, params = state_dict["param_groups"], [p for g in self.param_groups for p in g["params"]]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("the saved parameter groups differ in size from this optimizer's")
+        state = {}
+        for i, saved in state_dict["state"].items():
+            p = params[i]
+            if any(saved[k].shape != p.shape for k in ("exp_avg", "exp_avg_sq")):
+                raise ValueError(f"the saved state of parameter {i} does not match its shape {tuple(p.shape)}")
+            state[p] = {"step": int(saved["step"]),  # torch's AdamW keeps a tensor
+                        **{k: saved[k].to(p.device, p.dtype) for k in ("exp_avg", "exp_avg_sq")}}
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.state = state
+
+
+def set_lr(optimizer: AdamW, lr: float) -> None:
     """Write `lr` into every parameter group (the schedule is applied by the loop, not by a scheduler object)."""
     for group in optimizer.param_groups:
         group["lr"] = lr

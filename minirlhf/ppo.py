@@ -61,7 +61,7 @@ from minirlhf.infra.run import (
 )
 from minirlhf.losses import INVALID_LOGPROB, KL_ESTIMATORS, gather_index, ppo_value_loss
 from minirlhf.model import PolicyAndValue, model_inputs
-from minirlhf.optim import set_lr, steps_from
+from minirlhf.optim import AdamW, set_lr, steps_from
 from minirlhf.rollout import sample_responses, score_responses
 
 
@@ -300,7 +300,7 @@ UPDATE_KEYS = ("responses", "query_responses", "advantages", "logprobs", "ref_lo
                "returns", "values", "padding_mask_p1")  # what the update reads of a batch; the last three: "gae" only
 
 
-def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: PPOConfig,
+def ppo_update(model: nn.Module, optimizer: AdamW, batch: dict[str, torch.Tensor], args: PPOConfig,
                pad_token_id: int, epoch_orders: list[torch.Tensor], precision: torch.dtype | None = None,
                guard=None, update: int = 0) -> dict[str, torch.Tensor]:
     """PPO epochs (TRL: "Do multiple epochs of PPO training, with a fresh random shuffle in each epoch") over `batch`
@@ -365,7 +365,7 @@ def ppo_update(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
             where = f"{update} (PPO epoch {ppo_epoch_idx + 1}, minibatch {minibatch_idx + 1})"
             if guard is None or guard(where, {**losses, "grad_norm": grad_norm}):
                 optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
     return stats if critic else {key: value for key, value in stats.items() if not key.startswith("vf_")}
 
 

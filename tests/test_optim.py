@@ -1,5 +1,10 @@
 """minirlhf.optim against torch.optim.AdamW and transformers' Trainer grouping, warmup and LR schedules."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,6 +21,8 @@ from minirlhf.optim import (
     set_lr,
     steps_from,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _toy_model() -> nn.Module:
@@ -122,6 +129,62 @@ def test_adamw_state_dict_resume_is_exact(tmp_path):
     _run(resumed_model, resumed_opt, range(20, 50))
     for ours_p, resumed_p in zip(ours_model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(ours_p, resumed_p)
+
+
+def test_adamw_state_dict_crosses_with_torchs(tmp_path):
+    # the layout of torch.optim.Optimizer.state_dict both ways: torch's AdamW resumes from ours, ours from torch's
+    def kwargs(cls) -> dict:
+        return dict(foreach=False) if cls is torch.optim.AdamW else {}
+
+    for first, second in ((AdamW, torch.optim.AdamW), (torch.optim.AdamW, AdamW)):
+        whole_model = _toy_model()
+        whole_opt = torch.optim.AdamW(param_groups(whole_model, weight_decay=0.1), lr=1e-2, foreach=False)
+        _run(whole_model, whole_opt, range(30))
+
+        half_model = _toy_model()
+        half_opt = first(param_groups(half_model, weight_decay=0.1), lr=1e-2, **kwargs(first))
+        _run(half_model, half_opt, range(12))
+        torch.save({"model": half_model.state_dict(), "optimizer": half_opt.state_dict()}, tmp_path / "ckpt.pt")
+        ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+        resumed_model = _toy_model()
+        resumed_model.load_state_dict(ckpt["model"])
+        resumed_opt = second(param_groups(resumed_model, weight_decay=0.1), lr=1.0, **kwargs(second))
+        resumed_opt.load_state_dict(ckpt["optimizer"])
+        _run(resumed_model, resumed_opt, range(12, 30))
+        for whole_p, resumed_p in zip(whole_model.parameters(), resumed_model.parameters(), strict=True):
+            assert torch.equal(whole_p, resumed_p), (first.__module__, second.__module__)
+
+
+def test_adamw_refuses_the_state_of_other_parameters():
+    opt = AdamW(param_groups(_toy_model(), weight_decay=0.1), lr=1e-2)
+    other = nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 64), nn.LayerNorm(64), nn.Linear(64, 51))
+    other_opt = AdamW(param_groups(other, weight_decay=0.1), lr=1e-2)
+    _run(other, other_opt, range(3))
+    with pytest.raises(ValueError, match="does not match its shape"):
+        opt.load_state_dict(other_opt.state_dict())
+    with pytest.raises(ValueError, match="groups differ in size"):
+        opt.load_state_dict(AdamW(param_groups(nn.Linear(2, 2), weight_decay=0.1), lr=1e-2).state_dict())
+
+
+def test_a_run_never_imports_the_compiler(toy_model, tmp_path):
+    # torch.optim.Optimizer's methods, the meta device and torch.distributed.tensor import torch._dynamo or sympy:
+    # ~70 MB of resident memory and a second of start-up that a run without torch.compile or FSDP should not pay
+    # (torch.utils.checkpoint imports them too: a run with gradient checkpointing pays them)
+    run = ("import runpy, sys\n"
+           "sys.argv = ['minirlhf.ppo', *sys.argv[1:]]\n"
+           "try:\n    runpy.run_module('minirlhf.ppo', run_name='__main__')\n"
+           "finally:\n    print('imported:', sorted({'torch._dynamo', 'sympy'} & set(sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", run, "--sft_model_path", str(toy_model),
+                             "--reward_model_path", str(toy_model),  # a new score head: the reward and value models
+                             "--dataset_name", "configs/toytask/prompts", "--output_dir", str(tmp_path / "out"),
+                             "--per_device_train_batch_size", "8", "--total_episodes", "16", "--response_length", "4",
+                             "--num_sample_generations", "0", "--save_steps", "1", "--disable_tqdm", "true",
+                             "--gradient_checkpointing", "false"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "checkpoint-2" / "optimizer.pt").exists()  # state_dict, as checkpoints take it
+    assert result.stdout.strip().splitlines()[-1] == "imported: []", result.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- weight-decay groups

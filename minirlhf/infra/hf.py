@@ -8,6 +8,7 @@ projections as Conv1D (transposed), and GPT-2 and GPT-NeoX fuse q, k and v into 
 Saving inverts the same tables, so transformers loads what we write with no missing or unexpected keys.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -249,6 +250,22 @@ def parse_dtype(dtype, hf: dict) -> torch.dtype:
     return dtype
 
 
+@contextlib.contextmanager
+def skipped_init():
+    """Modules built inside skip torch's random initialisation: their weights are about to be overwritten, so they
+    stay uninitialised memory, which costs no time and, until written, no resident pages. (Built on the meta device
+    instead, they would import torch._dynamo, ~70 MB of resident memory for the rest of the run.) transformers'
+    `no_init_weights` replaces torch's initialisers the same way."""
+    initialisers = {name: getattr(nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_")}
+    for name in initialisers:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, initialiser in initialisers.items():
+            setattr(nn.init, name, initialiser)
+
+
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     """Fresh random weights as transformers initialises them: N(0, initializer_range), zero biases, unit norms."""
     for module in model.modules():
@@ -303,8 +320,8 @@ def load_pretrained(cls, name_or_path: str, revision=None, dtype=None, device=No
     if "embed_out.weight" in tensors:  # GPT-NeoX's name for lm_head
         tensors["lm_head.weight"] = tensors.pop("embed_out.weight")
 
-    with torch.device("meta"):
-        model = cls(cfg)  # no memory and no random numbers spent on weights we are about to overwrite
+    with skipped_init():
+        model = cls(cfg)  # no random numbers drawn: a new score head's draw below is transformers' first
     state, used, new_head = {}, set(), False
     for name, param in model.state_dict().items():
         source = hf_name(cfg, name)

@@ -14,12 +14,12 @@ import contextlib
 import gc
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
@@ -163,27 +163,36 @@ def gathered_weights(model: torch.nn.Module, fsdp: str | None):
             m.reshard()
 
 
+def is_shard(t) -> bool:
+    """Whether t is an FSDP shard (a DTensor). Only FSDP makes them, and importing torch.distributed.tensor pulls in
+    sympy (~40 MB of resident memory), so a process that never imported it holds none."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def full_tensor(t):
     """An FSDP shard (DTensor) gathered whole, on CPU; anything else as it is. A collective: every rank calls it for
     the same tensors in the same order, one at a time, so an accelerator never holds more than one whole tensor."""
-    return t.full_tensor().cpu() if isinstance(t, DTensor) else t
+    return t.full_tensor().cpu() if is_shard(t) else t
 
 
 def full_model_state(model: torch.nn.Module) -> dict:
     return {name: full_tensor(t) for name, t in model.state_dict().items()}
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+def full_optimizer_state(optimizer) -> dict:
     state = optimizer.state_dict()
     return {**state, "state": {i: {k: full_tensor(v) for k, v in s.items()} for i, s in state["state"].items()}}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state(optimizer, state: dict) -> None:
     """Load a full optimizer state, each moment sharded like its parameter where the model is FSDP-sharded."""
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict()'s numbering
     for i, param_state in state["state"].items():
         param = params[i]
-        if isinstance(param, DTensor):
+        if is_shard(param):
+            from torch.distributed.tensor import distribute_tensor
+
             for key, value in param_state.items():
                 if torch.is_tensor(value) and value.shape == param.shape:
                     param_state[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)

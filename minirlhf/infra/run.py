@@ -119,7 +119,7 @@ class Run:
     skipped: int = 0  # updates dropped for a non-finite loss or gradient (on_nonfinite = "skip")
     models: dict[str, nn.Module] | None = None  # set by prepare: what checkpoints hold, by subfolder ("": the root)
     tokenizer: object = None  # set by prepare: saved beside the models
-    optimizer: torch.optim.Optimizer | None = None  # set by prepare
+    optimizer: AdamW | None = None  # set by prepare
 
     def skipped_steps(self) -> dict[str, int]:
         """What a log record adds under on_nonfinite = "skip" once a step was dropped."""
@@ -336,7 +336,7 @@ def optimizer_step(run: Run, model: nn.Module, step: int, loss: float) -> float:
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)).item()
     if check_finite(run, step, {"loss": loss, "grad_norm": grad_norm}):
         run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)  # frees the memory now rather than at the next backward
+    run.optimizer.zero_grad()  # frees the memory now rather than at the next backward
     return grad_norm
 
 
