@@ -1,19 +1,19 @@
 """Where a PPO update's time goes: torch.profiler over one update of bench_ppo.py's runs (issue 19, item 1).
 
 Each side (minirlhf padding-free, minirlhf padded, TRL 1.12's PPOTrainer) runs bench_ppo's own setup (its run_ours /
-run_trl, the same models, prompts, seeds and settings) for three updates in its own subprocess at one thread: the
-second runs under torch.profiler (record_shapes, with_flops), and the third, unprofiled, gives each phase's wall time
-(the profiler slows small ops, so its seconds run above these). Phases are marked with record_function ranges put in by
-monkeypatching: sampling (minirlhf.rollout.sample_responses; TRL's batch_generation), scoring (score_responses; TRL's
-no-grad `forward`, `get_reward` and `selective_log_softmax` calls) and the PPO epochs (minirlhf.ppo.ppo_update; TRL:
-from its first grad-enabled `forward` to the `empty_cache` after its last minibatch). Every op's self CPU time goes to
-the innermost phase around it, and inside the PPO epochs to one category, by name and input shapes, the first that
-fits: AdamW (under torch's Optimizer.step# range), attention (scaled_dot_product / flash attention ops, forward and
-backward), lm_head (mm/addmm/bmm with a vocabulary-sized dimension), trunk matmuls (the other mm/addmm/bmm),
-log-softmax/entropy (softmax/log_softmax/logsumexp ops and their backward, and any other op on a tensor whose last
-dimension is the vocabulary: the temperature division, gather), other (element-wise ops, indexing, embedding, Python
-time between ops, which the ranges' own self time holds). "outside phases" is the update's wall time less the phases
-(advantages, TRL's metrics and logging).
+run_trl, the same models, prompts, seeds and settings) for five updates in its own subprocess at one thread: the second
+runs under torch.profiler (record_shapes, with_flops), and the three after it, unprofiled, give each phase's wall time,
+median and range (the profiler slows small ops, so its seconds run above these). Phases are marked with record_function
+ranges put in by monkeypatching: sampling (minirlhf.rollout.sample_responses; TRL's batch_generation), scoring
+(score_responses; TRL's no-grad `forward`, `get_reward` and `selective_log_softmax` calls) and the PPO epochs
+(minirlhf.ppo.ppo_update; TRL: from its first grad-enabled `forward` to the `empty_cache` after its last minibatch).
+Every op's self CPU time goes to the innermost phase around it, and inside the PPO epochs to one category, by name and
+input shapes, the first that fits: AdamW (under torch's Optimizer.step# range; minirlhf's AdamW gets the same range from
+this script), attention (scaled_dot_product / flash attention ops, forward and backward), lm_head (mm/addmm/bmm with a
+vocabulary-sized dimension), trunk matmuls (the other mm/addmm/bmm), log-softmax/entropy (softmax/log_softmax/logsumexp
+ops and their backward, and any other op on a tensor whose last dimension is the vocabulary: the temperature division,
+gather), other (element-wise ops, indexing, embedding, Python time between ops, which the ranges' own self time holds).
+"outside phases" is the update's wall time less the phases (advantages, TRL's metrics and logging).
 
 Useful GFLOP: bench_ppo's count (its module docstring) of each side's own episodes, split by phase: sampling one
 trunk forward and lm_head at response positions, scoring three trunk forwards and lm_head for the reference, the PPO
@@ -32,6 +32,7 @@ import argparse
 import collections
 import json
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ from common import csv, forward_flops, machine_line, matmul_peak, run_child, tab
 SIDES = {"ours": "minirlhf", "ours-padded": "minirlhf padded", "trl": "TRL 1.12"}
 ROWS = ["sampling", "scoring", "PPO: trunk matmuls", "PPO: lm_head", "PPO: log-softmax/entropy", "PPO: attention",
         "PPO: AdamW", "PPO: other", "PPO epochs", "outside phases", "whole update"]
+UPDATES = 5  # a warm-up, the profiled one, then three timed without the profiler
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 FUSED_ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
                    "aten::_scaled_dot_product_flash_attention")
@@ -54,20 +56,22 @@ FUSED_ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_
 
 
 class Profiled:
-    """The profiler over the second update, wall-clock timers over the third (no profiler: its overhead is not in
+    """The profiler over the second update, wall-clock timers over the later ones (no profiler: its overhead is not in
     them), and the phase ranges opened and closed from the monkeypatches."""
 
     def __init__(self):
         self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
                                            with_flops=True)
         self.on, self.timing, self.updates, self.open, self.episodes = False, False, 0, {}, []
-        self.wall, self.wall_episodes = collections.Counter(), []
+        self.wall, self.wall_episodes = [], []  # per unprofiled update: phase -> seconds; its episodes
 
     def start_update(self):
         self.updates += 1
-        self.on, self.timing = self.updates == 2, self.updates == 3
+        self.on, self.timing = self.updates == 2, self.updates > 2
         if self.on:
             self.prof.start()
+        elif self.timing:
+            self.wall.append(collections.Counter())
         self.start = time.perf_counter()
 
     def begin(self, phase: str):
@@ -83,7 +87,7 @@ class Profiled:
             if ranged is not None:
                 ranged.__exit__(None, None, None)
             else:
-                self.wall[phase] += time.perf_counter() - start
+                self.wall[-1][phase] += time.perf_counter() - start
 
     def stop(self):
         for phase in list(self.open):
@@ -92,14 +96,14 @@ class Profiled:
             self.seconds = time.perf_counter() - self.start
             self.prof.stop()
         elif self.timing:
-            self.wall["whole update"] = time.perf_counter() - self.start
+            self.wall[-1]["whole update"] = time.perf_counter() - self.start
         self.on = self.timing = False
 
     def record(self, episodes):
         if self.on:
             self.episodes = episodes
         elif self.timing:
-            self.wall_episodes = episodes
+            self.wall_episodes.append(episodes)
 
     def wrap(self, fn, phase: str, grad: bool | None = None):
         """fn inside a `phase` range while profiling or timing (and, unless grad is None, while grad mode is `grad`)."""
@@ -114,8 +118,13 @@ class Profiled:
         return wrapped
 
 
+def _in_range(name: str, fn, *args):
+    with torch.profiler.record_function(name):
+        return fn(*args)
+
+
 def profile_ours(folder: Path, spec: dict, padded: bool) -> Profiled:
-    from minirlhf import ppo, rollout
+    from minirlhf import optim, ppo, rollout
 
     p, sample, update = Profiled(), rollout.sample_responses, ppo.ppo_update
 
@@ -131,6 +140,8 @@ def profile_ours(folder: Path, spec: dict, padded: bool) -> Profiled:
         return out
 
     rollout.sample_responses, ppo.ppo_update = sample_responses, ppo_update
+    step = optim.AdamW.step
+    optim.AdamW.step = lambda self: _in_range("Optimizer.step#AdamW.step", step, self)  # torch's own range name
     rollout.score_responses = p.wrap(rollout.score_responses, "scoring")
     run_ours(folder, spec, None, lora=False, padded=padded)
     return p
@@ -210,7 +221,7 @@ def executed_flops(ev) -> float:
 
 
 def child(side: str, folder: Path, dataset: str) -> None:
-    spec, peaks = {**DATASETS[dataset], "updates": 3}, [matmul_peak(1, torch.float32)]
+    spec, peaks = {**DATASETS[dataset], "updates": UPDATES}, [matmul_peak(1, torch.float32)]
     with tempfile.TemporaryDirectory() as output_dir:
         p = (profile_trl(folder / dataset, spec, output_dir) if side == "trl" else
              profile_ours(folder / dataset, spec, padded=side == "ours-padded"))
@@ -266,10 +277,12 @@ def report(run: dict, trunk: int, peak: float) -> dict:
 
 
 def unprofiled(run: dict, row: str, trunk: int, peak: float) -> list[str]:
-    """The third update's wall time of a phase, and its useful FLOP/s of the peak."""
-    seconds = run["wall"]["ppo" if row == "PPO epochs" else row]
-    useful = useful_flops(run["wall_episodes"], trunk)[row]
-    return [f"{seconds:.2f}", f"{100 * useful / seconds / peak:.0f}%"]
+    """The unprofiled updates' wall time of a phase, and its useful FLOP/s of the peak: medians and ranges."""
+    seconds = [wall["ppo" if row == "PPO epochs" else row] for wall in run["wall"]]
+    fractions = [100 * useful_flops(episodes, trunk)[row] / s / peak
+                 for s, episodes in zip(seconds, run["wall_episodes"], strict=True)]
+    return [f"{statistics.median(seconds):.2f} ({min(seconds):.2f}-{max(seconds):.2f})",
+            f"{statistics.median(fractions):.0f}% ({min(fractions):.0f}-{max(fractions):.0f}%)"]
 
 
 def cpu_flags() -> str:
@@ -297,7 +310,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for dataset in args.dataset:
-            info = build(folder, dataset, 3 * BATCH)
+            info = build(folder, dataset, UPDATES * BATCH)
             peaks = [matmul_peak(1, torch.float32)]
             runs = {side: run_child([__file__, "--child", side, str(folder), dataset], 1, folder / "child.log")
                     for side in SIDES if side in args.sides}
@@ -315,7 +328,8 @@ def main() -> None:
             print(table(header, [[row] + [x for s in runs for x in reports[s][row]] for row in ROWS]) + "\n")
             rows = [[row] + [x for run in runs.values() for x in unprofiled(run, row, info['trunk'], max(peaks))]
                     for row in ("sampling", "scoring", "PPO epochs", "whole update")]
-            print("The third update, unprofiled (wall clock; its own episodes): seconds and useful GFLOP/s of peak\n")
+            print(f"The {UPDATES - 2} updates after it, unprofiled (wall clock; each its own episodes): seconds and "
+                  "useful GFLOP/s of peak, median (range)\n")
             print(table(["phase"] + [f"{SIDES[s]} {c}" for s in runs for c in ("s", "of peak")], rows) + "\n")
             for side, run in runs.items():
                 for row in ("PPO epochs, outside matmuls", "PPO: attention", "PPO: other"):

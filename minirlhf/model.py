@@ -108,10 +108,10 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of each head; the rest pass through (partial rotary, GPT-NeoX)."""
-    rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
-    x1, x2 = rot.chunk(2, dim=-1)
-    rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin  # "rotate_half" layout, as in HF checkpoints
-    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated  # full rotary needs no copy
+    if (rot := cos.shape[-1]) < x.shape[-1]:  # full rotary skips the slices: their backward fills zeros and copies
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # "rotate_half" layout, as in HF checkpoints
 
 
 class KVCache:

@@ -20,6 +20,7 @@ from minirlhf.optim import (
     schedule_kwargs,
     set_lr,
     steps_from,
+    subnormals_vanish,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,33 @@ def test_adamw_is_bitwise_torch(weight_decay: float, dtype: torch.dtype):
     _run(ours_model, ours_opt, range(50))
     _run(theirs_model, theirs_opt, range(50))
     _assert_same_run(ours_model, ours_opt, theirs_model, theirs_opt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("eps", [1e-8, 1e-30])
+def test_adamw_zero_and_subnormal_moments_are_bitwise_torch(dtype: torch.dtype, eps: float):
+    # rows that never get a gradient keep v = 0 (an embedding's unused tokens), and tiny gradients make subnormal v:
+    # where subnormals_vanish, AdamW raises them to the smallest normal before the sqrt; eps 1e-30 (and fp16's large
+    # smallest normal) rule that out
+    assert subnormals_vanish(dtype, eps, (1 - 0.95) ** 0.5) == (eps == 1e-8 and dtype != torch.float16)
+    ours, theirs = (nn.Parameter(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)).to(dtype))
+                    for _ in range(2))
+    ours_opt = AdamW([{"params": [ours]}], lr=1e-2, betas=(0.9, 0.95), eps=eps)
+    theirs_opt = torch.optim.AdamW([theirs], lr=1e-2, betas=(0.9, 0.95), eps=eps, weight_decay=0.0, foreach=False)
+    for step in range(8):
+        grad = torch.randn(64, 16, generator=torch.Generator().manual_seed(step))
+        grad[:40] = 0  # never used
+        grad[40:48] *= 1e-21  # squares below the smallest normal float
+        grad[48:56] *= 1e-21 if step % 2 else 1e-3  # moments that decay from normal into that range
+        ours.grad, theirs.grad = grad.to(dtype), grad.to(dtype)
+        ours_opt.step()
+        theirs_opt.step()
+        # equal_nan: fp16 holds eps = 1e-30 as 0, so 0 / 0 on both sides
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True, msg=f"step {step}")
+        assert torch.equal(ours_opt.state[ours]["exp_avg_sq"], theirs_opt.state[theirs]["exp_avg_sq"])
+    if dtype == torch.float32:  # the cases the clamp exists for did occur
+        v = theirs_opt.state[theirs]["exp_avg_sq"]
+        assert (v == 0).any() and ((v > 0) & (v < torch.finfo(dtype).tiny)).any()
 
 
 def test_adamw_is_close_to_torch_fused():
