@@ -70,7 +70,8 @@ class Packing:
             query_counts.append(len(queries))
             keys.append(self.src[b, first:stop])
             key_counts.append(stop - first)
-            masks.append(row_mask[None, None])
+            causal = row_mask.shape[0] == row_mask.shape[1] and torch.equal(row_mask, torch.ones_like(row_mask).tril())
+            masks.append(None if causal else row_mask[None, None])  # None: SDPA skips the blocks above the diagonal
         return query_counts, torch.cat(keys), key_counts, masks
 
     def attention(self, attn: nn.Module, q, k, v, rows: tuple, last: bool) -> torch.Tensor:
@@ -84,7 +85,7 @@ class Packing:
         q = (q.index_select(0, self.kept) if last else q).split(query_counts)
         k, v = (t.index_select(0, keys).split(key_counts) for t in (k, v))
         outputs = [attn.attend(q_b.transpose(0, 1)[None], k_b.transpose(0, 1)[None], v_b.transpose(0, 1)[None],
-                               mask_b, is_causal=False)[0].transpose(0, 1).flatten(1)  # (queries, heads * d)
+                               mask_b, is_causal=mask_b is None)[0].transpose(0, 1).flatten(1)  # (queries, heads * d)
                    for q_b, k_b, v_b, mask_b in zip(q, k, v, masks, strict=True) if len(q_b)]
         return torch.cat(outputs)[None]
 
