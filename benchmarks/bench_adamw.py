@@ -1,5 +1,7 @@
 """AdamW forms bitwise equal to torch.optim.AdamW(foreach=False), timed over bench_ppo.py's models (policy and value
 model: vocabulary 16,384, 4 layers of 256, intermediate 688, a 256 -> 1 score head; 18.9M parameters, two groups).
+Gradients as a PPO minibatch makes them: the two token embeddings' only in the 1,000 rows of the batch's tokens (the
+other rows 0, so their second moments stay 0), every other gradient dense.
 
 Each form takes 3 steps on the same gradients and LRs and is compared bit for bit with torch's single-tensor AdamW;
 then the forms step in turn, --repeats rounds. Time: CPU time per step (process_time: waits for a core on a shared
@@ -29,6 +31,14 @@ def bench_params() -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
 
 
+def bench_grads(params: list[torch.nn.Parameter], seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    for embedding in (grads[0], grads[len(params) // 2]):  # the policy's and the value model's
+        embedding[torch.randperm(V, generator=g)[1000:]] = 0
+    return grads
+
+
 def update_(p, g, m, v, denom, lr, wd, step):
     """torch's single-tensor AdamW on one tensor (or chunk); the denominator in `denom`, or fresh if None."""
     p.mul_(1 - lr * wd)  # in the no-decay group too: times 1.0 is exact, and its 1-D tensors are tiny
@@ -39,20 +49,22 @@ def update_(p, g, m, v, denom, lr, wd, step):
     p.addcdiv_(m, denom, value=-lr / (1 - B1**step))
 
 
-class Form:  # per-parameter state as minirlhf.optim.AdamW keeps it; `step`: (a), or (e) with `chunk`
-    def __init__(self, params, chunk: int | None = None):
+class Form:  # per-parameter state as minirlhf.optim.AdamW keeps it; `step`: (a), (b) with `reuse`, (e) with `chunk`
+    def __init__(self, params, chunk: int | None = None, reuse: bool = False):
         self.groups = [(g["params"], g["weight_decay"]) for g in param_groups(torch.nn.ParameterList(params), WD)]
         self.state = {p: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)} for p in params}
         self.chunk, self.t = chunk, 0
+        size = chunk or (max(p.numel() for p in params) if reuse else None)  # chunks: a chunk's 5 tensors in cache
+        self.denom = None if size is None else torch.empty(size)
 
     def step(self, lr):  # every parameter has a gradient here: one step count
         self.t += 1
-        denom = None if self.chunk is None else torch.empty(self.chunk)  # chunks: a chunk's 5 tensors stay in cache
         for params, wd in self.groups:
             for p in params:
                 tensors = (p, p.grad, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"])
                 for pc, gc, mc, vc in zip(*(t.view(-1).split(self.chunk or p.numel()) for t in tensors), strict=True):
-                    update_(pc, gc, mc, vc, denom if denom is None else denom[: pc.numel()], lr, wd, self.t)
+                    denom = None if self.denom is None else self.denom[: pc.numel()]
+                    update_(pc, gc, mc, vc, denom, lr, wd, self.t)
 
 
 class FlatMoments(Form):  # (c) one flat buffer per group for the moments, the gradients (copied in) and denom
@@ -102,8 +114,9 @@ def optimizer(cls, **kwargs):  # a torch.optim.Optimizer (ours or torch's) behin
 
 
 FORMS = {
-    "(a) per-parameter loop (minirlhf before)": Form,
-    "(b) loop, denominator in a reused buffer (minirlhf now)": optimizer(AdamW),
+    "(a) per-parameter loop, a fresh denominator each": Form,
+    "(b) (a), the denominator in one reused buffer": lambda params: Form(params, reuse=True),
+    "(f) (b), moments under the smallest normal raised to it first (minirlhf now)": optimizer(AdamW),
     "(e) (b) in cache-sized chunks of 256K elements": lambda params: Form(params, chunk=1 << 18),
     "(c) flat moments + gradients per group": FlatMoments,
     "(d) torch._foreach_*, same op order": Foreach,
@@ -120,7 +133,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)  # the forms update parameters in place
     print(f"$ python {shlex.join(sys.argv)}\n{machine_line()}")
-    grads = [[torch.randn(p.shape) for p in bench_params()] for _ in range(3)]
+    grads = [bench_grads(bench_params(), seed) for seed in range(3)]
     opts, params = {}, {}
     for name, make in FORMS.items():  # 3 steps each, then bit for bit against torch's single-tensor AdamW
         params[name] = bench_params()
