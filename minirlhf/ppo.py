@@ -360,9 +360,8 @@ def ppo_update(model: nn.Module, optimizer: AdamW, batch: dict[str, torch.Tensor
                     stats["entropy"][cell] = entropy.mean()  # over every position, pads too, as TRL
                     stats["ratio"][cell] = ratio.mean()
             # TRL never clips in PPO; max_grad_norm = 0 leaves the gradients as they are but takes their norm
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm
-                         else torch.nn.utils.get_total_norm(grads))
+                         else torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
             losses = {k: stats[k][ppo_epoch_idx, minibatch_idx].sum() for k in ("pg_loss", "vf_loss")}
             where = f"{update} (PPO epoch {ppo_epoch_idx + 1}, minibatch {minibatch_idx + 1})"
             if guard is None or guard(where, {**losses, "grad_norm": grad_norm}):
