@@ -200,8 +200,9 @@ LOGITS_PER_PASS = 2**19  # 2 MiB in fp32: 32 rows at a 16k vocabulary, 3 at Qwen
 
 
 def row_blocks(logits: torch.Tensor) -> list[slice]:
-    """Slices of logits' rows, LOGITS_PER_PASS logits (at least one row) each."""
-    rows = max(1, LOGITS_PER_PASS // logits.shape[-1])
+    """Slices of logits' rows, LOGITS_PER_PASS logits (at least one row) each on CPU; one slice on a GPU, whose kernels
+    stream a whole chunk at memory speed and would only pay more launches."""
+    rows = max(1, LOGITS_PER_PASS // logits.shape[-1] if logits.device.type == "cpu" else len(logits))
     return [slice(start, start + rows) for start in range(0, len(logits), rows)]
 
 

@@ -74,10 +74,12 @@ def grads(model) -> dict[str, torch.Tensor]:
 # The function
 
 
+@pytest.mark.parametrize("rows_per_pass", [2, 1000])  # LogSoftmaxAtTargets' row blocks: several (the last short), one
 @pytest.mark.parametrize("tokens_per_chunk", [1, 5, 21, 1000])  # 21 tokens: 21 chunks, 5 (the last short), 1, 1
-def test_chunked_equals_full_logits(monkeypatch, tokens_per_chunk):
+def test_chunked_equals_full_logits(monkeypatch, tokens_per_chunk, rows_per_pass):
     V, H = 97, 8  # a prime vocabulary: no chunk divides it
     monkeypatch.setattr(losses, "LOGITS_PER_CHUNK", tokens_per_chunk * V + V // 2)  # and V does not divide this
+    monkeypatch.setattr(losses, "LOGITS_PER_PASS", rows_per_pass * V + V // 2)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 7, H, generator=g, requires_grad=True)
     weight = (torch.randn(V, H, generator=g) / H**0.5).requires_grad_()  # logits of order 1, as a trained head's
@@ -134,8 +136,10 @@ def test_bf16_autocast_takes_the_same_bf16_logits():
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """3 tokens per chunk at the tiny models' 96-token vocabulary, so every forward below makes several chunks."""
+    """3 tokens per chunk at the tiny models' 96-token vocabulary, so every forward below makes several chunks, and
+    2 rows per block of LogSoftmaxAtTargets' passes."""
     monkeypatch.setattr(losses, "LOGITS_PER_CHUNK", 3 * VOCAB + 7)
+    monkeypatch.setattr(losses, "LOGITS_PER_PASS", 2 * VOCAB + 7)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
