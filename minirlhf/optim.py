@@ -102,7 +102,7 @@ class AdamW:
                 bias_correction2_sqrt = bias_correction2**0.5
                 if type(exp_avg_sq) is not torch.Tensor:  # an FSDP shard (a DTensor): the scratch buffer can't hold it
                     denom = exp_avg_sq.sqrt()
-                elif subnormals_vanish(p.dtype, eps, bias_correction2_sqrt):
+                elif subnormals_vanish(p.dtype, eps, bias_correction2_sqrt):  # the same bits, without sqrt's slow path
                     denom = torch.clamp(exp_avg_sq, min=torch.finfo(p.dtype).tiny, out=self._scratch(p)).sqrt_()
                 else:
                     denom = torch.sqrt(exp_avg_sq, out=self._scratch(p))
